@@ -1,0 +1,167 @@
+"""``create_model``: timm's ``create_model`` for the Swin family, returning an NNX module."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .model import SwinTransformer
+from .registry import get_arch_config, get_pretrained_cfg, split_model_name
+from .weights import load_timm_state_dict
+
+__all__ = ["create_model", "build_model", "build_abstract_model", "materialize"]
+
+# SwinTransformer kwargs a caller may override (**arch_overrides), besides create_model's own arguments
+_OWN = {"img_size", "in_chans", "num_classes", "global_pool", "window_size", "strict_img_size"}
+_OWN |= {"drop_path_rate", "features_only", "out_indices", "dtype", "param_dtype", "rngs"}
+ARCH_OVERRIDES = tuple(sorted(set(inspect.signature(SwinTransformer.__init__).parameters) - _OWN - {"self"}))
+
+
+def build_model(model_kwargs: Mapping[str, Any], seed: int | nnx.Rngs = 0) -> SwinTransformer:
+    """A randomly initialized :class:`SwinTransformer` from its kwargs."""
+    rngs = seed if isinstance(seed, nnx.Rngs) else nnx.Rngs(seed)
+    return SwinTransformer(**model_kwargs, rngs=rngs)
+
+
+def build_abstract_model(model_kwargs: Mapping[str, Any], seed: int = 0) -> SwinTransformer:
+    """The model with every parameter abstract (``jax.ShapeDtypeStruct``): nothing is initialized.
+
+    Its non-parameter state (RNG streams of dropout / drop path, if any rate is non-zero) is made
+    concrete: computed under ``jax.jit``, where XLA drops the unused parameter initialization.
+    Fill the parameters with :func:`swin_jax.load_timm_state_dict`.
+    """
+    model = nnx.eval_shape(lambda: build_model(model_kwargs, seed))
+    if jax.tree_util.tree_leaves(nnx.state(model, nnx.Not(nnx.Param))):
+        rest = jax.jit(lambda: nnx.state(build_model(model_kwargs, seed), nnx.Not(nnx.Param)))()
+        nnx.update(model, rest)
+    return model
+
+
+def materialize(model_kwargs: Mapping[str, Any], state_dict: Mapping[str, Any], seed: int = 0) -> SwinTransformer:
+    """Build the model abstractly and fill it from a timm state dict (strict)."""
+    model = build_abstract_model(model_kwargs, seed)
+    load_timm_state_dict(model, state_dict, strict=True)
+    return model
+
+
+def resolve_model_kwargs(
+    name: str,
+    *,
+    num_classes: int | None = None,
+    in_chans: int = 3,
+    img_size: int | Sequence[int] | None = None,
+    window_size: Any = None,
+    global_pool: str = "avg",
+    strict_img_size: bool = True,
+    drop_path_rate: float = 0.0,
+    features_only: bool = False,
+    out_indices: Sequence[int] = (0, 1, 2, 3),
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    **arch_overrides: Any,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(SwinTransformer kwargs, pretrained cfg)`` for a model name and create_model's arguments."""
+    arch, tag = split_model_name(name)
+    unknown = sorted(set(arch_overrides) - set(ARCH_OVERRIDES))
+    if unknown:
+        raise TypeError(
+            f"create_model() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
+            f"architecture overrides are: {', '.join(ARCH_OVERRIDES)}"
+        )
+    pretrained_cfg = get_pretrained_cfg(f"{arch}.{tag}" if tag else arch)
+    kwargs = get_arch_config(arch)
+    kwargs.update(arch_overrides)
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    if window_size is not None:
+        kwargs["window_size"] = window_size
+    kwargs.update(
+        in_chans=in_chans,
+        num_classes=pretrained_cfg["num_classes"] if num_classes is None else int(num_classes),
+        global_pool=global_pool,
+        strict_img_size=strict_img_size,
+        drop_path_rate=drop_path_rate,
+        features_only=features_only,
+        out_indices=tuple(out_indices),
+        dtype=dtype,
+        param_dtype=param_dtype,
+    )
+    return kwargs, pretrained_cfg
+
+
+def create_model(
+    name: str,
+    *,
+    pretrained: bool | str = False,
+    num_classes: int | None = None,
+    in_chans: int = 3,
+    img_size: int | Sequence[int] | None = None,
+    window_size: Any = None,
+    global_pool: str = "avg",
+    strict_img_size: bool = True,
+    drop_path_rate: float = 0.0,
+    features_only: bool = False,
+    out_indices: Sequence[int] = (0, 1, 2, 3),
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    rngs: nnx.Rngs | None = None,
+    **arch_overrides: Any,
+) -> SwinTransformer:
+    """Create a Swin Transformer by name, with timm's ``create_model`` semantics.
+
+    Args:
+        name: architecture (``'swin_base_patch4_window7_224'``), optionally with a pretrained tag
+            (``'swin_base_patch4_window7_224.ms_in22k_ft_in1k'``). See :func:`swin_jax.list_models`.
+        pretrained: False for random init; True for the tag's (or the default tag's) Hub weights;
+            ``'hf-hub:org/repo'``; or a local path (timm Hub-layout directory, a ``.safetensors`` /
+            ``.bin`` / ``.pth`` file, or a Flax checkpoint written by ``python -m convert``).
+        num_classes: classifier classes; the tag's count if None; 0 for no classifier.
+        in_chans: input channels.
+        img_size: input size ``H`` or ``(H, W)``; the architecture's if None.
+        window_size: window size (int, ``(h, w)`` or one per stage); the architecture's if None.
+        global_pool: 'avg', 'max', 'avgmax', 'catavgmax' or '' (no pooling: per-position logits).
+        strict_img_size: require inputs of exactly ``img_size``.
+        drop_path_rate: stochastic depth rate (active only in train mode).
+        features_only: return a model whose call gives the list of NHWC stage maps.
+        out_indices: stages returned by a ``features_only`` model.
+        dtype: compute dtype (e.g. ``jnp.bfloat16``).
+        param_dtype: parameter dtype.
+        rngs: NNX RNGs for initialization and dropout; ``nnx.Rngs(0)`` if None.
+        **arch_overrides: other SwinTransformer arguments (``embed_dim``, ``depths``, ``num_heads``,
+            ``mlp_ratio``, ``drop_rate``, ...).
+
+    Returns:
+        A :class:`swin_jax.model.SwinTransformer` in eval mode, with ``pretrained_cfg`` set.
+
+    Raises:
+        ValueError: unknown model name or tag (with close matches), bad configuration.
+        TypeError: an unknown keyword argument.
+    """
+    kwargs, pretrained_cfg = resolve_model_kwargs(
+        name,
+        num_classes=num_classes,
+        in_chans=in_chans,
+        img_size=img_size,
+        window_size=window_size,
+        global_pool=global_pool,
+        strict_img_size=strict_img_size,
+        drop_path_rate=drop_path_rate,
+        features_only=features_only,
+        out_indices=out_indices,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        **arch_overrides,
+    )
+    if pretrained:
+        from .hub import load_pretrained
+
+        model = load_pretrained(name, pretrained, kwargs, pretrained_cfg, rngs=rngs)
+    else:
+        model = build_model(kwargs, rngs if rngs is not None else nnx.Rngs(0))
+        model.pretrained_cfg = pretrained_cfg
+    return model

@@ -1,0 +1,200 @@
+"""Swin V1 architectures and pretrained tags, one table each, as timm registers them.
+
+Each pretrained tag carries its data config next to its weights' Hub id, like timm's ``default_cfgs``.
+The default tag of an architecture is its first tag in timm's order (``pretrained=True`` without a tag).
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from typing import Any
+
+__all__ = [
+    "ARCHITECTURES",
+    "PRETRAINED_CFGS",
+    "IMAGENET_DEFAULT_MEAN",
+    "IMAGENET_DEFAULT_STD",
+    "list_models",
+    "split_model_name",
+    "get_arch_config",
+    "get_pretrained_cfg",
+    "default_tag",
+]
+
+IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+
+# name -> SwinTransformer kwargs (timm's @register_model entrypoints)
+ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "swin_tiny_patch4_window7_224": dict(
+        patch_size=4, window_size=7, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)
+    ),
+    "swin_small_patch4_window7_224": dict(
+        patch_size=4, window_size=7, embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)
+    ),
+    "swin_base_patch4_window7_224": dict(
+        patch_size=4, window_size=7, embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)
+    ),
+    "swin_base_patch4_window12_384": dict(
+        img_size=384, patch_size=4, window_size=12, embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)
+    ),
+    "swin_large_patch4_window7_224": dict(
+        patch_size=4, window_size=7, embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48)
+    ),
+    "swin_large_patch4_window12_384": dict(
+        img_size=384, patch_size=4, window_size=12, embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48)
+    ),
+    "swin_s3_tiny_224": dict(
+        patch_size=4, window_size=(7, 7, 14, 7), embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)
+    ),
+    "swin_s3_small_224": dict(
+        patch_size=4, window_size=(14, 14, 14, 7), embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)
+    ),
+    "swin_s3_base_224": dict(
+        patch_size=4, window_size=(7, 7, 14, 7), embed_dim=96, depths=(2, 2, 30, 2), num_heads=(3, 6, 12, 24)
+    ),
+}
+
+_RELEASES = "https://github.com/SwinTransformer/storage/releases/download"
+
+
+def _cfg(arch: str, tag: str, url: str, **kwargs: Any) -> tuple[str, dict[str, Any]]:
+    """timm's ``_cfg`` for Swin plus the Hub id, keyed ``arch.tag``."""
+    cfg = {
+        "architecture": arch,
+        "tag": tag,
+        "hf_hub_id": f"timm/{arch}.{tag}",
+        "url": url,
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": (7, 7),
+        "crop_pct": 0.9,
+        "interpolation": "bicubic",
+        "crop_mode": "center",
+        "fixed_input_size": True,
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head.fc",
+        "license": "mit",
+    }
+    cfg.update(kwargs)
+    return f"{arch}.{tag}", cfg
+
+
+_384 = dict(input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0)
+_22K = dict(num_classes=21841)
+
+# In timm's order: an architecture's first tag here is its default tag.
+# fmt: off
+PRETRAINED_CFGS: dict[str, dict[str, Any]] = dict(
+    [
+        _cfg("swin_small_patch4_window7_224", "ms_in22k_ft_in1k",
+             f"{_RELEASES}/v1.0.8/swin_small_patch4_window7_224_22kto1k_finetune.pth"),
+        _cfg("swin_base_patch4_window7_224", "ms_in22k_ft_in1k",
+             f"{_RELEASES}/v1.0.0/swin_base_patch4_window7_224_22kto1k.pth"),
+        _cfg("swin_base_patch4_window12_384", "ms_in22k_ft_in1k",
+             f"{_RELEASES}/v1.0.0/swin_base_patch4_window12_384_22kto1k.pth", **_384),
+        _cfg("swin_large_patch4_window7_224", "ms_in22k_ft_in1k",
+             f"{_RELEASES}/v1.0.0/swin_large_patch4_window7_224_22kto1k.pth"),
+        _cfg("swin_large_patch4_window12_384", "ms_in22k_ft_in1k",
+             f"{_RELEASES}/v1.0.0/swin_large_patch4_window12_384_22kto1k.pth", **_384),
+        _cfg("swin_tiny_patch4_window7_224", "ms_in1k", f"{_RELEASES}/v1.0.0/swin_tiny_patch4_window7_224.pth"),
+        _cfg("swin_small_patch4_window7_224", "ms_in1k", f"{_RELEASES}/v1.0.0/swin_small_patch4_window7_224.pth"),
+        _cfg("swin_base_patch4_window7_224", "ms_in1k", f"{_RELEASES}/v1.0.0/swin_base_patch4_window7_224.pth"),
+        _cfg("swin_base_patch4_window12_384", "ms_in1k",
+             f"{_RELEASES}/v1.0.0/swin_base_patch4_window12_384.pth", **_384),
+        _cfg("swin_tiny_patch4_window7_224", "ms_in22k_ft_in1k",
+             f"{_RELEASES}/v1.0.8/swin_tiny_patch4_window7_224_22kto1k_finetune.pth"),
+        _cfg("swin_tiny_patch4_window7_224", "ms_in22k",
+             f"{_RELEASES}/v1.0.8/swin_tiny_patch4_window7_224_22k.pth", **_22K),
+        _cfg("swin_small_patch4_window7_224", "ms_in22k",
+             f"{_RELEASES}/v1.0.8/swin_small_patch4_window7_224_22k.pth", **_22K),
+        _cfg("swin_base_patch4_window7_224", "ms_in22k",
+             f"{_RELEASES}/v1.0.0/swin_base_patch4_window7_224_22k.pth", **_22K),
+        _cfg("swin_base_patch4_window12_384", "ms_in22k",
+             f"{_RELEASES}/v1.0.0/swin_base_patch4_window12_384_22k.pth", **_384, **_22K),
+        _cfg("swin_large_patch4_window7_224", "ms_in22k",
+             f"{_RELEASES}/v1.0.0/swin_large_patch4_window7_224_22k.pth", **_22K),
+        _cfg("swin_large_patch4_window12_384", "ms_in22k",
+             f"{_RELEASES}/v1.0.0/swin_large_patch4_window12_384_22k.pth", **_384, **_22K),
+        _cfg("swin_s3_tiny_224", "ms_in1k",
+             "https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-weights/s3_t-1d53f6a8.pth"),
+        _cfg("swin_s3_small_224", "ms_in1k",
+             "https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-weights/s3_s-3bb4c69d.pth"),
+        _cfg("swin_s3_base_224", "ms_in1k",
+             "https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-weights/s3_b-a1e95db4.pth"),
+    ]
+)
+# fmt: on
+
+# timm's deprecated names, still accepted (with the tag they now mean)
+DEPRECATED_NAMES = {
+    "swin_base_patch4_window7_224_in22k": "swin_base_patch4_window7_224.ms_in22k",
+    "swin_base_patch4_window12_384_in22k": "swin_base_patch4_window12_384.ms_in22k",
+    "swin_large_patch4_window7_224_in22k": "swin_large_patch4_window7_224.ms_in22k",
+    "swin_large_patch4_window12_384_in22k": "swin_large_patch4_window12_384.ms_in22k",
+}
+
+
+def list_models(pattern: str | list[str] = "*", pretrained: bool = False) -> list[str]:
+    """Model names matching a wildcard pattern, sorted, like ``timm.list_models``.
+
+    Args:
+        pattern: fnmatch pattern (or list of patterns) on the name (``arch.tag`` when ``pretrained``).
+        pretrained: list pretrained ``arch.tag`` names instead of architectures.
+
+    Returns:
+        Sorted list of names.
+    """
+    names = list(PRETRAINED_CFGS) if pretrained else list(ARCHITECTURES)
+    patterns = [pattern] if isinstance(pattern, str) else list(pattern)
+    out: set[str] = set()
+    for p in patterns:
+        # like timm, an arch pattern also matches when listing pretrained names (`swin_base*` -> its tags)
+        out.update(n for n in names if fnmatch.fnmatchcase(n, p) or fnmatch.fnmatchcase(n.split(".")[0], p))
+    return sorted(out)
+
+
+def _unknown(kind: str, name: str, choices: list[str]) -> ValueError:
+    close = difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    return ValueError(f"Unknown {kind} {name!r}.{hint} See swin_jax.list_models(pretrained={kind != 'model'}).")
+
+
+def split_model_name(name: str) -> tuple[str, str | None]:
+    """``'arch.tag'`` -> ``(arch, tag)``; ``'arch'`` -> ``(arch, None)``. Checks both exist.
+
+    Raises:
+        ValueError: unknown architecture or tag, naming close matches.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"model name must be a str, got {type(name).__name__}")
+    name = DEPRECATED_NAMES.get(name, name)
+    arch, _, tag = name.partition(".")
+    if arch not in ARCHITECTURES:
+        raise _unknown("model", name, list(ARCHITECTURES) + list(PRETRAINED_CFGS))
+    if tag and f"{arch}.{tag}" not in PRETRAINED_CFGS:
+        raise _unknown("pretrained tag", name, list(PRETRAINED_CFGS))
+    return arch, tag or None
+
+
+def default_tag(arch: str) -> str:
+    """The default pretrained tag of an architecture (its first in timm's order)."""
+    for cfg in PRETRAINED_CFGS.values():
+        if cfg["architecture"] == arch:
+            return cfg["tag"]
+    raise _unknown("model", arch, list(ARCHITECTURES))
+
+
+def get_arch_config(arch: str) -> dict[str, Any]:
+    """A copy of the SwinTransformer kwargs of an architecture."""
+    arch, _ = split_model_name(arch)
+    return dict(ARCHITECTURES[arch])
+
+
+def get_pretrained_cfg(name: str) -> dict[str, Any]:
+    """A copy of the pretrained config for ``arch.tag`` (the default tag for a bare ``arch``)."""
+    arch, tag = split_model_name(name)
+    return dict(PRETRAINED_CFGS[f"{arch}.{tag or default_tag(arch)}"])

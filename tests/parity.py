@@ -1,0 +1,116 @@
+"""The one parity helper: a timm model with every parameter randomized so it matters, the same
+weights mapped into swin_jax, and a comparison of outputs at fp32. Tolerances live here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+import timm
+import torch
+
+import swin_jax
+
+# max|ours - timm| / max|timm| at fp32 on CPU
+FP32_REL_TOL = 1e-5
+
+
+def randomize_timm_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every timm parameter a value that matters, in place.
+
+    Linear / conv weights ~ N(0, 1/fan_in), biases ~ N(0, 0.1^2), LayerNorm scales ~ U(0.5, 1.5) and
+    shifts ~ N(0, 0.1^2), relative position bias tables ~ N(0, 1) (so the index and the shift mask
+    are exercised: a wrong table lookup changes the output by O(1)).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    norm_names = {n for n, m in model.named_modules() if isinstance(m, torch.nn.LayerNorm)}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            module = name.rsplit(".", 1)[0]
+            if name.endswith("relative_position_bias_table"):
+                p.copy_(torch.randn(p.shape, generator=gen))
+            elif module in norm_names and name.endswith("weight"):
+                p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                fan_in = int(np.prod(p.shape[1:]))
+                p.copy_(torch.randn(p.shape, generator=gen) / fan_in**0.5)
+    return model.eval()
+
+
+def timm_model(name: str, seed: int = 0, **kwargs: Any) -> torch.nn.Module:
+    """A randomized timm model in eval mode (no pretrained weights)."""
+    return randomize_timm_(timm.create_model(name, pretrained=False, **kwargs), seed)
+
+
+def jax_from_timm(tmodel: torch.nn.Module, name: str, **kwargs: Any) -> swin_jax.SwinTransformer:
+    """The swin_jax model with the same configuration and the timm model's weights."""
+    model = swin_jax.create_model(name, **kwargs)
+    swin_jax.load_timm_state_dict(model, tmodel.state_dict())
+    return model
+
+
+def images(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    """Random NHWC float32 images ~ N(0, 1) (what normalized images look like)."""
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def to_nchw(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def rel_err(ours: Any, ref: Any) -> float:
+    """max|ours - ref| / max|ref|."""
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    if ours.shape != ref.shape:
+        raise AssertionError(f"shape mismatch: ours {ours.shape} vs timm {ref.shape}")
+    return float(np.abs(ours - ref).max() / max(np.abs(ref).max(), 1e-30))
+
+
+def assert_close(ours: Any, ref: Any, tol: float = FP32_REL_TOL, what: str = "output") -> float:
+    err = rel_err(ours, ref)
+    assert err <= tol, f"{what}: rel err {err:.3e} > {tol:.0e}"
+    return err
+
+
+def timm_outputs(tmodel: torch.nn.Module, x: np.ndarray) -> dict[str, Any]:
+    """timm's logits, forward_features, stage maps (NHWC) and pre-logits for NHWC input ``x``."""
+    with torch.no_grad():
+        xt = to_nchw(x)
+        feats = tmodel.forward_features(xt)
+        maps = tmodel.forward_intermediates(xt, intermediates_only=True)
+        return dict(
+            logits=tmodel.forward_head(feats).numpy(),
+            features=feats.numpy(),
+            pre_logits=tmodel.forward_head(feats, pre_logits=True).numpy(),
+            maps=[m.permute(0, 2, 3, 1).numpy() for m in maps],
+        )
+
+
+def jax_outputs(model: swin_jax.SwinTransformer, x: np.ndarray) -> dict[str, Any]:
+    """The same outputs from swin_jax (jit-compiled)."""
+
+    @jax.jit
+    def run(x):
+        feats = model.forward_features(x)
+        maps = model.forward_intermediates(x, intermediates_only=True)
+        return dict(
+            logits=model.forward_head(feats),
+            features=feats,
+            pre_logits=model.forward_head(feats, pre_logits=True),
+            maps=maps,
+        )
+
+    return jax.tree_util.tree_map(np.asarray, run(x))
+
+
+def assert_parity(model: swin_jax.SwinTransformer, tmodel: torch.nn.Module, x: np.ndarray) -> dict[str, float]:
+    """Compare logits, forward_features, every stage map and pre-logits; return the errors."""
+    ours, ref = jax_outputs(model, x), timm_outputs(tmodel, x)
+    errs = {k: assert_close(ours[k], ref[k], what=k) for k in ("logits", "features", "pre_logits")}
+    assert len(ours["maps"]) == len(ref["maps"])
+    for i, (a, b) in enumerate(zip(ours["maps"], ref["maps"])):
+        errs[f"stage{i}"] = assert_close(a, b, what=f"stage {i} map")
+    return errs
