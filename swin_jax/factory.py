@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .model import SwinTransformer
-from .registry import get_arch_config, get_pretrained_cfg, split_model_name
+from .registry import ARCHITECTURES, get_arch_config, get_pretrained_cfg, split_model_name
 from .weights import load_timm_state_dict
 
 __all__ = ["create_model", "build_model", "build_abstract_model", "materialize"]
@@ -20,6 +20,32 @@ __all__ = ["create_model", "build_model", "build_abstract_model", "materialize"]
 _OWN = {"img_size", "in_chans", "num_classes", "global_pool", "window_size", "strict_img_size"}
 _OWN |= {"drop_path_rate", "features_only", "out_indices", "dtype", "param_dtype", "rngs"}
 ARCH_OVERRIDES = tuple(sorted(set(inspect.signature(SwinTransformer.__init__).parameters) - _OWN - {"self"}))
+
+
+# arguments that shape the weights (recorded in a checkpoint's config.json as timm's "model_args")
+_WEIGHT_ARGS = ("img_size", "patch_size", "in_chans", "embed_dim", "depths", "num_heads", "head_dim", "window_size")
+_WEIGHT_ARGS += ("always_partition", "mlp_ratio", "qkv_bias")
+_SIGNATURE = inspect.signature(SwinTransformer.__init__).parameters
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(_canonical(v) for v in value)
+    return value
+
+
+def model_args_of(arch: str, model_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The weight-shaping arguments of ``model_kwargs`` that differ from the architecture's defaults."""
+    base = ARCHITECTURES[arch]
+    out = {}
+    for key in _WEIGHT_ARGS:
+        default = base.get(key, _SIGNATURE[key].default)
+        value = model_kwargs.get(key, default)
+        if key == "img_size":
+            value, default = _canonical((value, value) if isinstance(value, int) else value), (default, default)
+        if _canonical(value) != _canonical(default):
+            out[key] = _canonical(value)
+    return out
 
 
 def build_model(model_kwargs: Mapping[str, Any], seed: int | nnx.Rngs = 0) -> SwinTransformer:
@@ -157,11 +183,16 @@ def create_model(
         param_dtype=param_dtype,
         **arch_overrides,
     )
-    if pretrained:
+    if pretrained is not False and pretrained is not None:
         from .hub import load_pretrained
 
-        model = load_pretrained(name, pretrained, kwargs, pretrained_cfg, rngs=rngs)
+        explicit = set(arch_overrides) | {k for k, v in (("img_size", img_size), ("window_size", window_size)) if v}
+        seed = 0 if rngs is None else int(jax.random.randint(rngs.params(), (), 0, 2**31 - 1))
+        model = load_pretrained(
+            name, pretrained, kwargs, pretrained_cfg, num_classes=num_classes, explicit=explicit, seed=seed
+        )
     else:
         model = build_model(kwargs, rngs if rngs is not None else nnx.Rngs(0))
         model.pretrained_cfg = pretrained_cfg
+    model.model_args = model_args_of(model.pretrained_cfg["architecture"], kwargs)
     return model

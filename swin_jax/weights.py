@@ -19,6 +19,8 @@ computes them from the window geometry.
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -32,7 +34,12 @@ __all__ = [
     "timm_param_shapes",
     "load_timm_state_dict",
     "to_timm_state_dict",
+    "to_flax_state_dict",
+    "flax_to_timm_state_dict",
     "is_ignored_timm_key",
+    "filter_timm_checkpoint",
+    "resize_rel_pos_bias_table",
+    "adapt_input_conv",
 ]
 
 # timm buffers that are never loaded (recomputed from the window geometry)
@@ -190,4 +197,177 @@ def to_timm_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
     for name, (path, var) in _param_entries(model).items():
         _, to_timm, _ = _rule(str(path[-1]), len(var.shape))
         out[name] = np.ascontiguousarray(to_timm(np.asarray(var[...])))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Flax layout (NNX paths and layouts), as the converter writes it
+# ----------------------------------------------------------------------------------------------------------
+
+
+def to_flax_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
+    """The model's parameters in Flax layout: dotted NNX paths (``...attn.qkv.kernel``) -> numpy arrays."""
+    return {
+        ".".join(str(p) for p in path): np.asarray(var[...])
+        for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    }
+
+
+def flax_to_timm_state_dict(flat: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Flax-layout names and arrays (see :func:`to_flax_state_dict`) -> timm names and layouts."""
+    out = {}
+    for key, value in flat.items():
+        value = _to_numpy(value)
+        prefix, _, leaf = key.rpartition(".")
+        timm_leaf, to_timm, _ = _rule(leaf, value.ndim)
+        out[f"{prefix}.{timm_leaf}"] = np.ascontiguousarray(to_timm(value))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoint adaptation (ports of timm's checkpoint_filter_fn and load_pretrained steps, numpy only)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _geometric_positions(src: int, dst: int) -> list[float]:
+    """timm's source positions for a table of ``src`` entries stretched over ``dst`` (geometric spacing)."""
+    left, right = 1.01, 1.5
+    while right - left > 1e-6:
+        q = (left + right) / 2.0
+        gp = (1.0 - q ** (src // 2)) / (1.0 - q)
+        if gp > dst // 2:
+            right = q
+        else:
+            left = q
+    dis, cur = [], 1.0
+    for i in range(src // 2):
+        dis.append(cur)
+        cur += q ** (i + 1)
+    return [-d for d in reversed(dis)] + [0.0] + dis
+
+
+def _interp_linear(points: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """1-D pieces of timm's RegularGridInterpolator: left/right indices and distances for ``x``."""
+    idx_right = np.searchsorted(points, x, side="left")
+    idx_right = np.minimum(idx_right, len(points) - 1)
+    idx_left = np.clip(idx_right - 1, 0, len(points) - 1)
+    dist_left = np.maximum(x - points[idx_left], 0.0)
+    dist_right = np.maximum(points[idx_right] - x, 0.0)
+    both_zero = (dist_left == 0) & (dist_right == 0)
+    dist_left = np.where(both_zero, 1.0, dist_left).astype(np.float32)
+    dist_right = np.where(both_zero, 1.0, dist_right).astype(np.float32)
+    return idx_left, idx_right, dist_left, dist_right
+
+
+def resize_rel_pos_bias_table(
+    table: np.ndarray, new_window_size: tuple[int, int], old_window_size: tuple[int, int] | None = None
+) -> np.ndarray:
+    """Resize a flat relative position bias table ``[(2h-1)(2w-1), heads]`` to a new window size.
+
+    A numpy port of timm's ``resize_rel_pos_bias_table`` (its default, scipy-free path): the source
+    table is placed on geometrically spaced positions and sampled with (bi)linear interpolation on the
+    target's integer offsets, per head, in float32.
+
+    Args:
+        table: the source table.
+        new_window_size: target window ``(h, w)``.
+        old_window_size: the source window; inferred (square, or the target's shape) when None, as timm.
+
+    Returns:
+        The resized table ``[(2h'-1)(2w'-1), heads]`` in the source dtype.
+    """
+    table = _to_numpy(table)
+    dst = (2 * new_window_size[0] - 1, 2 * new_window_size[1] - 1)
+    num_pos, num_heads = table.shape
+    if old_window_size is not None:
+        src = (2 * old_window_size[0] - 1, 2 * old_window_size[1] - 1)
+    else:
+        side = int(num_pos**0.5)
+        if side * side == num_pos:
+            src = (side, side)
+        elif num_pos == dst[0] * dst[1]:
+            src = dst
+        else:
+            raise ValueError(
+                f"cannot infer the window of a relative position table with {num_pos} entries; pass old_window_size"
+            )
+    if src == dst:
+        return table
+    ys = np.asarray(_geometric_positions(src[0], dst[0]), np.float32)
+    xs = np.asarray(_geometric_positions(src[1], dst[1]), np.float32)
+    ty, tx = dst[0] // 2, dst[1] // 2
+    dy = np.arange(-ty, ty + 0.1, 1.0, dtype=np.float32)
+    dx = np.arange(-tx, tx + 0.1, 1.0, dtype=np.float32)
+    gy, gx = np.meshgrid(dy, dx, indexing="ij")
+    yl, yr, dyl, dyr = _interp_linear(ys, gy)
+    xl, xr, dxl, dxr = _interp_linear(xs, gx)
+    z = table.astype(np.float32).reshape(src[0], src[1], num_heads)
+    # the four corners, each weighted by the distances to the opposite corner (timm's formulation)
+    num = (
+        z[yl, xl] * (dyr * dxr)[..., None]
+        + z[yl, xr] * (dyr * dxl)[..., None]
+        + z[yr, xl] * (dyl * dxr)[..., None]
+        + z[yr, xr] * (dyl * dxl)[..., None]
+    )
+    den = ((dyl + dyr) * (dxl + dxr))[..., None]
+    return (num / den).reshape(-1, num_heads).astype(table.dtype)
+
+
+def adapt_input_conv(in_chans: int, conv_weight: np.ndarray) -> np.ndarray:
+    """Adapt RGB stem weights (OIHW) to ``in_chans`` inputs as timm does: sum for 1, repeat and rescale else."""
+    conv_weight = _to_numpy(conv_weight)
+    o, i, kh, kw = conv_weight.shape
+    if in_chans == i:
+        return conv_weight
+    if i != 3:
+        raise ValueError(f"cannot adapt a stem with {i} input channels to {in_chans}")
+    w = conv_weight.astype(np.float32)
+    if in_chans == 1:
+        w = w.sum(axis=1, keepdims=True)
+    else:
+        w = np.tile(w, (1, int(math.ceil(in_chans / 3)), 1, 1))[:, :in_chans] * (3 / float(in_chans))
+    return w.astype(conv_weight.dtype)
+
+
+def _unwrap(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
+    for key in ("model", "state_dict"):
+        inner = state_dict.get(key)
+        if isinstance(inner, Mapping):
+            state_dict = inner
+    return state_dict
+
+
+def filter_timm_checkpoint(state_dict: Mapping[str, Any], model: nnx.Module) -> dict[str, np.ndarray]:
+    """Bring a timm or original Microsoft Swin checkpoint to this model, as timm's ``checkpoint_filter_fn``.
+
+    * unwraps ``{"model": ...}`` / ``{"state_dict": ...}``;
+    * drops the non-persistent buffers (``relative_position_index``, ``attn_mask``);
+    * original Microsoft layout (downsample stored at the end of the previous stage, ``head.`` instead
+      of ``head.fc.``) is renamed to timm's;
+    * relative position tables are resized to the model's (possibly clipped) window per block;
+    * the stem is adapted to the model's ``in_chans``.
+
+    Returns a new dict of numpy arrays under timm names; nothing else is checked here.
+    """
+    state_dict = _unwrap(state_dict)
+    old_layout = "layers.0.downsample.reduction.weight" in state_dict
+    out = {}
+    for key, value in state_dict.items():
+        if any(b in key for b in IGNORED_BUFFERS):
+            continue
+        if old_layout:
+            key = re.sub(r"layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) + 1}.downsample", key)
+            key = key.replace("head.", "head.fc.") if key.startswith("head.") and "head.fc." not in key else key
+        value = _to_numpy(value)
+        match = re.fullmatch(r"layers\.(\d+)\.blocks\.(\d+)\.attn\.relative_position_bias_table", key)
+        if match and value.ndim == 2:
+            stage, block = int(match.group(1)), int(match.group(2))
+            if stage < len(model.layers) and block < len(model.layers[stage].blocks):
+                attn = model.layers[stage].blocks[block].attn
+                want = tuple(attn.relative_position_bias_table.shape)
+                if value.shape != want or attn.window_size[0] != attn.window_size[1]:
+                    value = resize_rel_pos_bias_table(value, attn.window_size)
+        if key == "patch_embed.proj.weight" and value.ndim == 4 and value.shape[1] != model.in_chans:
+            value = adapt_input_conv(model.in_chans, value)
+        out[key] = value
     return out

@@ -93,7 +93,7 @@ def jax_outputs(model: swin_jax.SwinTransformer, x: np.ndarray) -> dict[str, Any
     """The same outputs from swin_jax (jit-compiled)."""
 
     @jax.jit
-    def run(x):
+    def run(model, x):
         feats = model.forward_features(x)
         maps = model.forward_intermediates(x, intermediates_only=True)
         return dict(
@@ -103,7 +103,7 @@ def jax_outputs(model: swin_jax.SwinTransformer, x: np.ndarray) -> dict[str, Any
             maps=maps,
         )
 
-    return jax.tree_util.tree_map(np.asarray, run(x))
+    return jax.tree_util.tree_map(np.asarray, run(model, x))
 
 
 def assert_parity(model: swin_jax.SwinTransformer, tmodel: torch.nn.Module, x: np.ndarray) -> dict[str, float]:
