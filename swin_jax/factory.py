@@ -76,22 +76,16 @@ def materialize(model_kwargs: Mapping[str, Any], state_dict: Mapping[str, Any], 
 
 
 def resolve_model_kwargs(
-    name: str,
-    *,
-    num_classes: int | None = None,
-    in_chans: int = 3,
-    img_size: int | Sequence[int] | None = None,
-    window_size: Any = None,
-    global_pool: str = "avg",
-    strict_img_size: bool = True,
-    drop_path_rate: float = 0.0,
-    features_only: bool = False,
-    out_indices: Sequence[int] = (0, 1, 2, 3),
-    dtype: Any = jnp.float32,
-    param_dtype: Any = jnp.float32,
-    **arch_overrides: Any,
+    name: str, options: Mapping[str, Any], arch_overrides: Mapping[str, Any]
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(SwinTransformer kwargs, pretrained cfg)`` for a model name and create_model's arguments."""
+    """``(SwinTransformer kwargs, pretrained cfg)`` for a model name and create_model's arguments.
+
+    Args:
+        name: ``arch`` or ``arch.tag``.
+        options: create_model's own model arguments (``num_classes``, ``img_size``, ...) as given;
+            None for ``num_classes`` / ``img_size`` / ``window_size`` means the tag's / arch's.
+        arch_overrides: other SwinTransformer arguments.
+    """
     arch, tag = split_model_name(name)
     unknown = sorted(set(arch_overrides) - set(ARCH_OVERRIDES))
     if unknown:
@@ -102,21 +96,10 @@ def resolve_model_kwargs(
     pretrained_cfg = get_pretrained_cfg(f"{arch}.{tag}" if tag else arch)
     kwargs = get_arch_config(arch)
     kwargs.update(arch_overrides)
-    if img_size is not None:
-        kwargs["img_size"] = img_size
-    if window_size is not None:
-        kwargs["window_size"] = window_size
-    kwargs.update(
-        in_chans=in_chans,
-        num_classes=pretrained_cfg["num_classes"] if num_classes is None else int(num_classes),
-        global_pool=global_pool,
-        strict_img_size=strict_img_size,
-        drop_path_rate=drop_path_rate,
-        features_only=features_only,
-        out_indices=tuple(out_indices),
-        dtype=dtype,
-        param_dtype=param_dtype,
-    )
+    kwargs.update({k: v for k, v in options.items() if v is not None})
+    num_classes = options.get("num_classes")
+    kwargs["num_classes"] = pretrained_cfg["num_classes"] if num_classes is None else int(num_classes)
+    kwargs["out_indices"] = tuple(kwargs.get("out_indices", (0, 1, 2, 3)))
     return kwargs, pretrained_cfg
 
 
@@ -168,21 +151,8 @@ def create_model(
         ValueError: unknown model name or tag (with close matches), bad configuration.
         TypeError: an unknown keyword argument.
     """
-    kwargs, pretrained_cfg = resolve_model_kwargs(
-        name,
-        num_classes=num_classes,
-        in_chans=in_chans,
-        img_size=img_size,
-        window_size=window_size,
-        global_pool=global_pool,
-        strict_img_size=strict_img_size,
-        drop_path_rate=drop_path_rate,
-        features_only=features_only,
-        out_indices=out_indices,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        **arch_overrides,
-    )
+    options = {k: v for k, v in locals().items() if k in _OWN and k != "rngs"}
+    kwargs, pretrained_cfg = resolve_model_kwargs(name, options, arch_overrides)
     if pretrained is not False and pretrained is not None:
         from .hub import load_pretrained
 
