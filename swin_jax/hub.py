@@ -364,6 +364,14 @@ def load_pretrained(
     cfg.update({k: tuple(v) if isinstance(v, list) else v for k, v in ckpt_cfg.items()})
     cfg["architecture"] = arch
     cfg["num_classes"] = model.num_classes
+    if pretrained is not True:  # record where the weights came from, as timm does
+        for key in ("hf_hub_id", "url", "file"):
+            cfg.pop(key, None)
+        source = str(pretrained)
+        if source.startswith(HF_HUB_PREFIX):
+            cfg["hf_hub_id"] = source[len(HF_HUB_PREFIX) :]
+        else:
+            cfg["file"] = ckpt.source
     model.pretrained_cfg = cfg
     return model
 
