@@ -156,7 +156,9 @@ def create_model(
     if pretrained is not False and pretrained is not None:
         from .hub import load_pretrained
 
+        # what the caller set wins over a checkpoint's config.json (in_chans=3, the default, does not count)
         explicit = set(arch_overrides) | {k for k, v in (("img_size", img_size), ("window_size", window_size)) if v}
+        explicit |= {"in_chans"} if in_chans != 3 else set()
         seed = 0 if rngs is None else int(jax.random.randint(rngs.params(), (), 0, 2**31 - 1))
         model = load_pretrained(
             name, pretrained, kwargs, pretrained_cfg, num_classes=num_classes, explicit=explicit, seed=seed

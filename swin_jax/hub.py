@@ -45,6 +45,7 @@ from .weights import (
 __all__ = [
     "CheckpointError",
     "HubUnavailableError",
+    "FreshHeadWarning",
     "Checkpoint",
     "read_checkpoint",
     "read_state_dict",
@@ -77,6 +78,10 @@ class HubUnavailableError(OSError):
     def __init__(self, message: str, file_missing: bool = False):
         super().__init__(message)
         self.file_missing = file_missing
+
+
+class FreshHeadWarning(UserWarning):
+    """The checkpoint's classifier does not fit the model's ``num_classes``: a fresh head was initialized."""
 
 
 class Checkpoint(dict):
@@ -284,7 +289,7 @@ def _checkpoint_arch_args(config: Mapping[str, Any]) -> dict[str, Any]:
 
     args = dict(config.get("model_args") or {})
     args.update(config.get("model_kwargs") or {})
-    args = {k: v for k, v in args.items() if k in ARCH_OVERRIDES or k in ("img_size", "window_size")}
+    args = {k: v for k, v in args.items() if k in ARCH_OVERRIDES or k in ("img_size", "window_size", "in_chans")}
     for key, value in args.items():
         if isinstance(value, list):
             args[key] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
@@ -331,9 +336,14 @@ def load_pretrained(
             model_kwargs[key] = value  # create_model records the final kwargs as model.model_args
     kwargs = model_kwargs
     head_w = ckpt.get("head.fc.weight", ckpt.get("head.weight"))
-    ckpt_classes = config.get("num_classes", head_w.shape[0] if head_w is not None else None)
-    if num_classes is None and ckpt_classes is not None:
-        kwargs["num_classes"] = int(ckpt_classes)
+    weights_classes = 0 if head_w is None else int(head_w.shape[0])
+    if "num_classes" in config and int(config["num_classes"]) != weights_classes:
+        raise CheckpointError(
+            f"{ckpt.source} is inconsistent: its config.json says num_classes={config['num_classes']}, its "
+            f"classifier has {weights_classes} classes"
+        )
+    if num_classes is None:
+        kwargs["num_classes"] = weights_classes  # a headless checkpoint gives a headless model, never a random head
     model = build_abstract_model(kwargs, seed)
     state = filter_timm_checkpoint(ckpt, model)
     fresh_head = False
@@ -344,6 +354,7 @@ def load_pretrained(
             warnings.warn(
                 f"{ckpt.source} has {got}, the model has num_classes={model.num_classes}: the classifier "
                 f"(head.fc) is freshly initialized, for fine-tuning",
+                FreshHeadWarning,
                 stacklevel=3,
             )
             state = {k: v for k, v in state.items() if not k.startswith("head.")}
@@ -443,6 +454,12 @@ def save_pretrained(
     try:
         save_file(weights, str(tmp / (FLAX_WEIGHTS_NAME if fmt == "flax" else SAFETENSORS_NAME)))
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        # ordinary permissions (mkdtemp makes the directory 0700, safetensors writes files 0600)
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)
+        for f in tmp.iterdir():
+            f.chmod(0o666 & ~umask)
         if output_dir.exists():
             old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
             output_dir.rename(old)

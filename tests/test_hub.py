@@ -26,7 +26,7 @@ from hub_cache import add_to_hf_cache, export_timm, hub_env, python
 from parity import assert_close, images, timm_model, to_nchw
 
 import swin_jax
-from swin_jax.hub import CheckpointError, save_pretrained
+from swin_jax.hub import CheckpointError, FreshHeadWarning, save_pretrained
 from swin_jax.weights import resize_rel_pos_bias_table
 
 TINY = "swin_tiny_patch4_window7_224"
@@ -410,13 +410,58 @@ def test_resize_rel_pos_bias_table_matches_timm(src, dst, pass_src):
 
 def test_other_num_classes_warns_and_keeps_the_rest(t1k):
     tm, hub_dir = t1k
-    with pytest.warns(UserWarning, match=r"head\.fc.*fine-tuning"):
+    with pytest.warns(FreshHeadWarning, match=r"head\.fc.*fine-tuning"):
         model = swin_jax.create_model(TINY, pretrained=hub_dir, num_classes=10)
     assert model.num_classes == 10
     sd = swin_jax.to_timm_state_dict(model)
     assert sd["head.fc.weight"].shape == (10, 256) and sd["head.fc.bias"].shape == (10,)
     assert np.isfinite(sd["head.fc.weight"]).all()
     _assert_same_weights(model, tm.state_dict(), skip_prefix="head.fc.")
+
+
+def test_headless_file_gives_a_headless_model_not_a_random_head(t1k, tmp_path, inputs):
+    tm, hub_dir = t1k
+    sd = {k: v.numpy() for k, v in tm.state_dict().items() if not k.startswith("head.")}
+    from safetensors.numpy import save_file
+
+    save_file(sd, str(tmp_path / "headless.safetensors"))
+    model = swin_jax.create_model(TINY, pretrained=tmp_path / "headless.safetensors", **SMALL)
+    assert model.num_classes == 0 and model.get_classifier() is None
+    with torch.no_grad():
+        ref = tm.forward_head(tm.forward_features(to_nchw(inputs["x224"])), pre_logits=True).numpy()
+    assert_close(model(inputs["x224"]), ref)
+
+
+def test_config_contradicting_the_weights_is_an_error(t1k, tmp_path):
+    _, hub_dir = t1k
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "model.safetensors").write_bytes((hub_dir / "model.safetensors").read_bytes())
+    config = json.loads((hub_dir / "config.json").read_text())
+    config["num_classes"] = 5
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"num_classes=5.*classifier has 1000 classes"):
+        swin_jax.create_model(TINY, pretrained=bad)
+
+
+def test_in_chans_is_honoured_from_a_saved_checkpoint(t1k, tmp_path, inputs):
+    _, hub_dir = t1k
+    gray = swin_jax.create_model(TINY, pretrained=hub_dir, in_chans=1)
+    saved = save_pretrained(gray, tmp_path / "gray")
+    reloaded = swin_jax.create_model(TINY, pretrained=saved)  # in_chans comes from config.json
+    assert reloaded.in_chans == 1
+    x = inputs["x224"][..., :1]
+    np.testing.assert_array_equal(np.asarray(reloaded(x)), np.asarray(gray(x)))
+
+
+def test_saved_checkpoint_has_ordinary_permissions(flax_dir):
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    assert flax_dir.stat().st_mode & 0o777 == 0o777 & ~umask
+    for f in flax_dir.iterdir():
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_headless_and_features_only_load_full_checkpoints(t1k, inputs):
