@@ -16,6 +16,8 @@ from .weights import load_timm_state_dict
 
 __all__ = ["create_model", "build_model", "build_abstract_model", "materialize"]
 
+DEFAULT_OUT_INDICES = (0, 1, 2, 3)
+
 # SwinTransformer kwargs a caller may override (**arch_overrides), besides create_model's own arguments
 _OWN = {"img_size", "in_chans", "num_classes", "global_pool", "window_size", "strict_img_size"}
 _OWN |= {"drop_path_rate", "features_only", "out_indices", "dtype", "param_dtype", "rngs"}
@@ -99,7 +101,12 @@ def resolve_model_kwargs(
     kwargs.update({k: v for k, v in options.items() if v is not None})
     num_classes = options.get("num_classes")
     kwargs["num_classes"] = pretrained_cfg["num_classes"] if num_classes is None else int(num_classes)
-    kwargs["out_indices"] = tuple(kwargs.get("out_indices", (0, 1, 2, 3)))
+    out_indices = kwargs.get("out_indices", DEFAULT_OUT_INDICES)
+    if not isinstance(out_indices, int):
+        out_indices = tuple(out_indices)
+        if out_indices == DEFAULT_OUT_INDICES:  # the default means every stage, as timm (len(depths) of them)
+            out_indices = tuple(range(len(kwargs["depths"])))
+    kwargs["out_indices"] = out_indices
     return kwargs, pretrained_cfg
 
 
@@ -115,7 +122,7 @@ def create_model(
     strict_img_size: bool = True,
     drop_path_rate: float = 0.0,
     features_only: bool = False,
-    out_indices: Sequence[int] = (0, 1, 2, 3),
+    out_indices: int | Sequence[int] = DEFAULT_OUT_INDICES,
     dtype: Any = jnp.float32,
     param_dtype: Any = jnp.float32,
     rngs: nnx.Rngs | None = None,
@@ -137,7 +144,8 @@ def create_model(
         strict_img_size: require inputs of exactly ``img_size``.
         drop_path_rate: stochastic depth rate (active only in train mode).
         features_only: return a model whose call gives the list of NHWC stage maps.
-        out_indices: stages returned by a ``features_only`` model.
+        out_indices: stages returned by a ``features_only`` model: indices (negative from the end), or an
+            int n for the last n stages. The default means every stage, as timm.
         dtype: compute dtype (e.g. ``jnp.bfloat16``).
         param_dtype: parameter dtype.
         rngs: NNX RNGs for initialization and dropout; ``nnx.Rngs(0)`` if None.

@@ -556,8 +556,9 @@ class SwinTransformer(nnx.Module):
         proj_drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        dynamic_img_size: bool = False,
         features_only: bool = False,
-        out_indices: Sequence[int] = (0, 1, 2, 3),
+        out_indices: int | Sequence[int] = (0, 1, 2, 3),
         dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32,
         *,
@@ -583,9 +584,10 @@ class SwinTransformer(nnx.Module):
             proj_drop_rate: dropout after projections.
             attn_drop_rate: attention weight dropout.
             drop_path_rate: stochastic depth rate at the last block (linear over blocks, as timm).
+            dynamic_img_size: timm's alias of ``strict_img_size=False``.
             features_only: build only the stages needed for ``out_indices``, no final norm and no head;
                 calling the model returns the list of NHWC stage maps.
-            out_indices: stage indices returned by a ``features_only`` model.
+            out_indices: stage indices returned by a ``features_only`` model (an int n: the last n).
             dtype: compute dtype.
             param_dtype: parameter storage dtype.
             rngs: NNX RNGs (``params`` for init, ``dropout`` for dropout/drop path).
@@ -600,7 +602,7 @@ class SwinTransformer(nnx.Module):
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.global_pool = _check_pool_type(global_pool)
-        self.strict_img_size = strict_img_size
+        self.strict_img_size = strict_img_size and not dynamic_img_size
         self.features_only = features_only
         self.dtype = dtype
         self.param_dtype = param_dtype

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import re
 from typing import Any
 
 __all__ = [
@@ -139,7 +140,7 @@ DEPRECATED_NAMES = {
 
 
 def list_models(pattern: str | list[str] = "*", pretrained: bool = False) -> list[str]:
-    """Model names matching a wildcard pattern, sorted, like ``timm.list_models``.
+    """Model names matching a wildcard pattern, in timm's (natural) order, like ``timm.list_models``.
 
     Args:
         pattern: fnmatch pattern (or list of patterns) on the name (``arch.tag`` when ``pretrained``).
@@ -154,7 +155,12 @@ def list_models(pattern: str | list[str] = "*", pretrained: bool = False) -> lis
     for p in patterns:
         # like timm, an arch pattern also matches when listing pretrained names (`swin_base*` -> its tags)
         out.update(n for n in names if fnmatch.fnmatchcase(n, p) or fnmatch.fnmatchcase(n.split(".")[0], p))
-    return sorted(out)
+    return sorted(out, key=_natural_key)
+
+
+def _natural_key(name: str) -> list:
+    """timm's sort order: digit runs compare as numbers (``window7`` before ``window12``)."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
 
 
 def _unknown(kind: str, name: str, choices: list[str]) -> ValueError:

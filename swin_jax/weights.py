@@ -196,7 +196,7 @@ def to_timm_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
     out = {}
     for name, (path, var) in _param_entries(model).items():
         _, to_timm, _ = _rule(str(path[-1]), len(var.shape))
-        out[name] = np.ascontiguousarray(to_timm(np.asarray(var[...])))
+        out[name] = np.array(to_timm(np.asarray(var[...])), order="C")  # a writable copy (torch.from_numpy)
     return out
 
 
