@@ -11,6 +11,7 @@ This package never imports torch.
 
 from .data import create_transform, imagenet_class_names, imagenet_synsets, resolve_data_config
 from .factory import create_model
+from .inference import CompiledForward, compile_forward
 from .model import SwinTransformer
 from .registry import list_models
 from .weights import WeightMismatchError, load_timm_state_dict, to_timm_state_dict
@@ -18,8 +19,10 @@ from .weights import WeightMismatchError, load_timm_state_dict, to_timm_state_di
 __version__ = "0.1.0"
 
 __all__ = [
+    "CompiledForward",
     "SwinTransformer",
     "WeightMismatchError",
+    "compile_forward",
     "create_model",
     "create_transform",
     "imagenet_class_names",
