@@ -17,7 +17,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 __all__ = ["CompiledForward", "compile_forward"]
@@ -56,11 +55,10 @@ class CompiledForward:
         n, bs = x.shape[0], self.batch_size
         outs = []
         for start in range(0, n, bs):
-            chunk = x[start : start + bs]
+            chunk = jnp.asarray(x[start : start + bs])  # every chunk the same kind of array: one cache entry
             m = chunk.shape[0]
             if m < bs:
-                pad = np.zeros((bs - m, *chunk.shape[1:]), chunk.dtype)
-                chunk = jnp.concatenate([jnp.asarray(chunk), pad])
+                chunk = jnp.concatenate([chunk, jnp.zeros((bs - m, *chunk.shape[1:]), chunk.dtype)])
             out = self._run(self.state, chunk)
             outs.append(jax.tree_util.tree_map(lambda a, m=m: a[:m], out))
         if len(outs) == 1:
