@@ -12,9 +12,8 @@ from flax import nnx
 
 from .model import SwinTransformer
 from .registry import ARCHITECTURES, get_arch_config, get_pretrained_cfg, split_model_name
-from .weights import load_timm_state_dict
 
-__all__ = ["create_model", "build_model", "build_abstract_model", "materialize"]
+__all__ = ["create_model", "build_model", "build_abstract_model"]
 
 DEFAULT_OUT_INDICES = (0, 1, 2, 3)
 
@@ -67,13 +66,6 @@ def build_abstract_model(model_kwargs: Mapping[str, Any], seed: int = 0) -> Swin
     if jax.tree_util.tree_leaves(nnx.state(model, nnx.Not(nnx.Param))):
         rest = jax.jit(lambda: nnx.state(build_model(model_kwargs, seed), nnx.Not(nnx.Param)))()
         nnx.update(model, rest)
-    return model
-
-
-def materialize(model_kwargs: Mapping[str, Any], state_dict: Mapping[str, Any], seed: int = 0) -> SwinTransformer:
-    """Build the model abstractly and fill it from a timm state dict (strict)."""
-    model = build_abstract_model(model_kwargs, seed)
-    load_timm_state_dict(model, state_dict, strict=True)
     return model
 
 
