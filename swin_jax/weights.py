@@ -180,7 +180,8 @@ def load_timm_state_dict(model: nnx.Module, state_dict: Mapping[str, Any], stric
             mismatched.append((name, tuple(value.shape), want))
             continue
         _, _, from_timm = _rule(str(path[-1]), value.ndim)
-        updates.append((path, var.replace(jnp.asarray(from_timm(value), dtype=var.dtype))))
+        # a copy: the model must not share memory with the caller's arrays (e.g. a timm model trained on)
+        updates.append((path, var.replace(jnp.array(from_timm(value), dtype=var.dtype))))
     if mismatched or (strict and (missing or unexpected)):
         raise WeightMismatchError(missing if strict else [], unexpected if strict else [], mismatched)
     nnx.update(model, nnx.from_flat_state(updates))

@@ -520,3 +520,17 @@ def test_dynamic_img_size_is_timms_alias_of_non_strict_size():
     with torch.no_grad():
         ref = tm(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
     assert_close(model(x), ref)
+
+
+def test_loaded_weights_do_not_alias_the_source_arrays(small_timm):
+    import copy
+
+    tm = copy.deepcopy(small_timm)
+    model = swin_jax.create_model(TINY, **SMALL64)
+    swin_jax.load_timm_state_dict(model, tm.state_dict())  # torch tensors, as a user would pass them
+    before = swin_jax.to_timm_state_dict(model)
+    with torch.no_grad():
+        for p in tm.parameters():  # training the timm model afterwards must not change the loaded model
+            p.add_(1.0)
+    after = swin_jax.to_timm_state_dict(model)
+    assert all(np.array_equal(before[k], after[k]) for k in before)
