@@ -1,0 +1,351 @@
+"""swin_jax.train against timm / torch: gradients, timm's optimizer groups, one AdamW step, the steps."""
+
+from __future__ import annotations
+
+import copy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import timm.loss
+import timm.optim
+import torch
+from flax import nnx
+from parity import GRAD_REL_TOL, images, jax_from_timm, rel_err, timm_model, to_nchw
+
+import swin_jax
+from swin_jax.train import (
+    EMA,
+    create_optimizer,
+    create_schedule,
+    cross_entropy,
+    eval_step,
+    mixup_cutmix,
+    mixup_target,
+    param_groups,
+    topk_correct,
+    train_step,
+)
+from swin_jax.weights import load_timm_state_dict, to_timm_state_dict
+
+ARCH = "swin_tiny_patch4_window7_224"
+# the small parity model: 64 px -> 16x16 patches; windows of 4 (shifted in stages 0-2, clamped at 2x2 in stage 3)
+SMALL = dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(2, 2, 4, 4), img_size=64, window_size=4, num_classes=10)
+# a tinier JAX-only model for the training-step tests (each step function compiles per model / optimizer)
+TINY = dict(embed_dim=16, depths=(2, 2), num_heads=(2, 2), img_size=32, window_size=4, num_classes=10)
+LABELS = np.array([3, 7, 0, 9])
+
+
+@pytest.fixture(scope="module")
+def pair():
+    tm = timm_model(ARCH, **SMALL)
+    return tm, jax_from_timm(tm, ARCH, **SMALL)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return images((4, 64, 64, 3), seed=1), LABELS
+
+
+def _timm_grads(tm: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
+    tm.zero_grad()
+    loss = torch.nn.functional.cross_entropy(tm(to_nchw(x)), torch.from_numpy(y))
+    loss.backward()
+    return {n: p.grad.numpy().copy() for n, p in tm.named_parameters()}
+
+
+def _jax_grads(model: nnx.Module, x: np.ndarray, y: np.ndarray) -> nnx.State:
+    @nnx.jit
+    def grads(model, x, y):
+        return nnx.grad(lambda m: cross_entropy(m(x), y, num_classes=m.num_classes))(model)
+
+    return grads(model, jnp.asarray(x), jnp.asarray(y))
+
+
+def _as_timm(model: nnx.Module, grads: nnx.State) -> dict[str, np.ndarray]:
+    """Gradients in timm names and layouts: load them into a copy of the model and export it."""
+    holder = nnx.clone(model)
+    nnx.update(holder, grads)
+    return to_timm_state_dict(holder)
+
+
+def _assert_update_close(new, old, ref_new, ref_old, tol: float, what: str) -> None:
+    """The update ``new - old`` within ``tol * max|ref update|`` of ``ref_new - ref_old``, plus the fp32 rounding
+    of storing ``old + update`` (2 ulps of the parameter): small layer-decayed updates of O(1) weights lose
+    digits there."""
+    d_ours = np.asarray(new, np.float64) - old
+    d_ref = np.asarray(ref_new, np.float64) - ref_old
+    bound = tol * np.abs(d_ref).max() + 2 * np.spacing(np.abs(ref_new).max())
+    err = np.abs(d_ours - d_ref).max()
+    assert err <= bound, f"{what}: update error {err:.3e} > {bound:.3e} (max update {np.abs(d_ref).max():.3e})"
+
+
+def _from_timm(model: nnx.Module, timm_arrays: dict[str, np.ndarray]) -> nnx.State:
+    """timm-named arrays (e.g. torch's ``.grad``) as the model's ``nnx.Param`` state."""
+    holder = nnx.clone(model)
+    load_timm_state_dict(holder, timm_arrays)
+    return nnx.state(holder, nnx.Param)
+
+
+def _tiny(**kw) -> swin_jax.SwinTransformer:
+    return swin_jax.create_model(ARCH, **{**TINY, **kw}, rngs=nnx.Rngs(0))
+
+
+def _tiny_batch(n: int = 4, seed: int = 2) -> tuple[jax.Array, jax.Array]:
+    return jnp.asarray(images((n, 32, 32, 3), seed=seed)), jnp.asarray(np.arange(n) % 10)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# parity with timm / torch
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_gradients_match_timm(pair, batch):
+    tm, model = pair
+    ref = _timm_grads(tm, *batch)
+    ours = _as_timm(model, _jax_grads(model, *batch))
+    assert set(ours) == set(ref)
+    errs = {name: rel_err(ours[name], ref[name]) for name in ref}
+    worst = max(errs, key=errs.get)
+    assert errs[worst] <= GRAD_REL_TOL, f"{worst}: gradient rel err {errs[worst]:.3e} > {GRAD_REL_TOL:.0e}"
+    assert all(np.abs(g).max() > 0 for g in ref.values())  # every parameter's gradient is exercised
+
+
+@pytest.mark.parametrize("layer_decay", [None, 0.75])
+def test_param_groups_match_timm(pair, layer_decay):
+    tm, model = pair
+    opt = timm.optim.create_optimizer_v2(tm, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=layer_decay)
+    names = {id(p): n for n, p in tm.named_parameters()}
+    ref = {names[id(p)]: (g.get("lr_scale", 1.0), g["weight_decay"]) for g in opt.param_groups for p in g["params"]}
+    ours = param_groups(model, weight_decay=0.05, layer_decay=layer_decay)
+    assert set(ours) == {n for n, _ in tm.named_parameters()}
+    for name, (scale, wd) in ref.items():
+        assert ours[name].lr_scale == pytest.approx(scale, rel=1e-12), name
+        assert ours[name].weight_decay == wd, name
+    if layer_decay:  # stem, 8 blocks (downsample with its stage's first block, final norm with the last), head
+        assert len({g.lr_scale for g in ours.values()}) == 10
+        assert ours["head.fc.weight"].lr_scale == 1.0 and ours["norm.weight"].lr_scale == 0.75
+        assert ours["layers.1.downsample.reduction.weight"] == ours["layers.1.blocks.0.attn.qkv.weight"]
+        assert ours["layers.0.blocks.0.attn.relative_position_bias_table"].weight_decay == 0.0
+
+
+def test_adamw_steps_match_torch(pair, batch):
+    """Two AdamW steps with layer decay 0.75, the weight-decay mask and grad clipping equal torch.optim.AdamW
+    on timm's groups (each group's lr = the schedule's lr * lr_scale, as timm's scheduler sets it).
+
+    Both optimizers get timm's gradients (the gradients themselves are compared above): Adam's
+    ``g / (|g| + eps)`` turns fp32 noise in gradients that are 0 in exact arithmetic (the key bias) into O(1)
+    differences of the update, which says nothing about the optimizer."""
+    lr, clip = 1e-3, 0.5
+    tm = copy.deepcopy(pair[0])  # (the JAX model may share memory with pair[0]'s tensors: leave those alone)
+    model = nnx.clone(pair[1])
+    topt = timm.optim.create_optimizer_v2(tm, "adamw", lr=lr, weight_decay=0.05, layer_decay=0.75)
+    tx = create_optimizer(model, lr=lr, weight_decay=0.05, layer_decay=0.75, total_steps=100, clip_grad_norm=clip)
+    sched = create_schedule(lr=lr, total_steps=100)
+    assert float(sched(0)) == pytest.approx(lr, rel=1e-7)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    before = to_timm_state_dict(model)
+    x2 = images((4, 64, 64, 3), seed=3)
+    for step, x in enumerate((batch[0], x2)):
+        for g in topt.param_groups:  # what timm's scheduler does: the schedule's lr times the group's scale
+            g["lr"] = float(sched(step)) * g["lr_scale"]
+        tbefore = {n: p.detach().numpy().copy() for n, p in tm.named_parameters()}
+        old = to_timm_state_dict(model)
+        grads = _from_timm(model, _timm_grads(tm, x, batch[1]))
+        norm = torch.nn.utils.clip_grad_norm_(tm.parameters(), clip)
+        assert float(norm) > clip  # clipping is active
+        topt.step()
+        optimizer.update(model, grads)
+        ours = to_timm_state_dict(model)
+        for name, p in tm.named_parameters():
+            ref = p.detach().numpy()
+            _assert_update_close(ours[name], old[name], ref, tbefore[name], 1e-4, name)
+            assert rel_err(ours[name], ref) <= 1e-5, name
+    # the layer decay and the weight decay mask did something: the stem moved less than the head
+    moved = {n: np.abs(ours[n] - before[n]).max() for n in ("patch_embed.proj.weight", "head.fc.weight")}
+    assert moved["patch_embed.proj.weight"] < moved["head.fc.weight"]
+
+
+def test_label_smoothing_matches_hand_formula_and_timm():
+    rng = np.random.default_rng(0)
+    logits, y, s, c = rng.standard_normal((6, 10)).astype(np.float32), rng.integers(0, 10, 6), 0.1, 10
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    hand = np.mean(-(1 - s) * logp[np.arange(6), y] - s / c * logp.sum(-1))
+    ours = float(cross_entropy(jnp.asarray(logits), jnp.asarray(y), num_classes=c, label_smoothing=s))
+    assert ours == pytest.approx(hand, rel=1e-6)
+    ref = timm.loss.LabelSmoothingCrossEntropy(s)(torch.from_numpy(logits), torch.from_numpy(y))
+    assert ours == pytest.approx(float(ref), rel=1e-6)
+    soft = rng.dirichlet(np.ones(c), 6).astype(np.float32)
+    ref = timm.loss.SoftTargetCrossEntropy()(torch.from_numpy(logits), torch.from_numpy(soft))
+    assert float(cross_entropy(jnp.asarray(logits), jnp.asarray(soft), num_classes=c)) == pytest.approx(
+        float(ref), rel=1e-6
+    )
+    plain = float(cross_entropy(jnp.asarray(logits), jnp.asarray(y), num_classes=c))
+    assert plain == pytest.approx(
+        float(torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y)))
+    )
+
+
+def test_topk_counts_match_timm_accuracy():
+    rng = np.random.default_rng(1)
+    logits, y = rng.standard_normal((32, 10)).astype(np.float32), rng.integers(0, 10, 32)
+    top1, top5 = timm.utils.accuracy(torch.from_numpy(logits), torch.from_numpy(y), topk=(1, 5))
+    ours = topk_correct(jnp.asarray(logits), jnp.asarray(y))
+    assert int(ours["top1"]) == round(float(top1) * 32 / 100) and int(ours["top5"]) == round(float(top5) * 32 / 100)
+    # soft targets count their argmax; fewer than 5 classes cap k
+    assert int(topk_correct(jnp.asarray(logits), jax.nn.one_hot(jnp.asarray(y), 10))["top1"]) == int(ours["top1"])
+    assert int(topk_correct(jnp.asarray(logits[:, :3]), jnp.asarray(y % 3))["top5"]) == 32
+
+
+def test_schedule_warmup_cosine():
+    sched = create_schedule(lr=1.0, warmup_steps=10, total_steps=110, min_lr=0.1)
+    assert float(sched(0)) == 0.0 and float(sched(5)) == pytest.approx(0.5)
+    assert float(sched(10)) == pytest.approx(1.0)
+    assert float(sched(60)) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * 0.5)), rel=1e-6)
+    assert float(sched(110)) == pytest.approx(0.1)
+    with pytest.raises(ValueError):
+        create_schedule(lr=1.0, warmup_steps=10, total_steps=10)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the steps
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_train_step_reduces_loss_and_eval_step():
+    model = _tiny()
+    optimizer = nnx.Optimizer(model, create_optimizer(model, lr=2e-3, total_steps=50), wrt=nnx.Param)
+    batch = _tiny_batch()
+    model.eval()
+    first = eval_step(model, batch)
+    assert float(first["loss"]) == pytest.approx(float(cross_entropy(model(batch[0]), batch[1], num_classes=10)))
+    model.train()
+    losses = [float(train_step(model, optimizer, batch, label_smoothing=0.1, num_classes=10)["loss"]) for _ in range(6)]
+    assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < 0.9 * losses[0], losses
+    model.eval()
+    last = eval_step(model, batch)
+    assert float(last["loss"]) < float(first["loss"])
+    assert 0 <= int(last["top1"]) <= int(last["top5"]) <= 4
+
+
+def test_grad_accumulation_equals_one_big_step():
+    """Two micro-batches of 4 with ``grad_accum_steps=2`` make the update of one step on the batch of 8.
+
+    ``eps=1e-3`` keeps Adam's update Lipschitz in the gradient (``g / (|g| + eps)``), so the fp32 summation
+    noise of gradients that are 0 in exact arithmetic (the key bias) stays at noise level."""
+    x, y = _tiny_batch(8)
+    kw = dict(lr=1e-3, layer_decay=0.75, total_steps=20, clip_grad_norm=1.0, eps=1e-3)
+    accum, single = _tiny(), _tiny()
+    opt_a = nnx.Optimizer(accum, create_optimizer(accum, **kw, grad_accum_steps=2), wrt=nnx.Param)
+    opt_s = nnx.Optimizer(single, create_optimizer(single, **kw), wrt=nnx.Param)
+    start = to_timm_state_dict(accum)
+    train_step(accum, opt_a, (x[:4], y[:4]), num_classes=10)
+    assert all(np.array_equal(v, start[k]) for k, v in to_timm_state_dict(accum).items())  # no update yet
+    train_step(accum, opt_a, (x[4:], y[4:]), num_classes=10)
+    train_step(single, opt_s, (x, y), num_classes=10)
+    got, ref = to_timm_state_dict(accum), to_timm_state_dict(single)
+    for name in ref:
+        _assert_update_close(got[name], start[name], ref[name], start[name], 1e-5, name)
+
+
+def test_drop_path_masks_advance_and_eval_is_deterministic():
+    model = _tiny(drop_path_rate=0.5)
+    optimizer = nnx.Optimizer(model, create_optimizer(model, lr=0.0, total_steps=10), wrt=nnx.Param)
+    batch = _tiny_batch()
+
+    @nnx.jit
+    def forward(model, x):
+        return model(x)
+
+    def rng_counts():
+        return [np.asarray(v[...]) for _, v in nnx.to_flat_state(nnx.state(model, nnx.RngCount))]
+
+    model.train()
+    a, b = forward(model, batch[0]), forward(model, batch[0])
+    assert not np.allclose(a, b)  # different drop path masks
+    before = rng_counts()
+    losses = [float(train_step(model, optimizer, batch, num_classes=10)["loss"]) for _ in range(2)]
+    assert any(not np.array_equal(p, q) for p, q in zip(before, rng_counts()))  # the step advanced the streams
+    assert losses[0] != losses[1]  # (lr ~ 0: the loss changes only through the masks)
+    model.eval()
+    e1, e2 = eval_step(model, batch), eval_step(model, batch)
+    assert float(e1["loss"]) == float(e2["loss"])
+    np.testing.assert_array_equal(forward(model, batch[0]), forward(model, batch[0]))
+
+
+def test_ema():
+    model = _tiny()
+    p0 = to_timm_state_dict(model)
+    ema = EMA(model, decay=0.9)
+    nnx.update(model, jax.tree_util.tree_map(lambda v: v + 1.0, nnx.state(model, nnx.Param)))
+    ema.update(model)
+    nnx.update(model, jax.tree_util.tree_map(lambda v: v + 1.0, nnx.state(model, nnx.Param)))
+    ema.update(model)
+    target = nnx.clone(model)
+    ema.copy_to(target)
+    got = to_timm_state_dict(target)
+    for name, v in p0.items():  # ema = 0.9 * (0.9 * p + 0.1 * (p + 1)) + 0.1 * (p + 2) = p + 0.29
+        np.testing.assert_allclose(got[name], v + 0.29, rtol=1e-6, atol=1e-6)
+    assert not np.allclose(to_timm_state_dict(model)["head.fc.weight"], got["head.fc.weight"])  # model untouched
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Mixup / CutMix
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_mixup_target_matches_timm():
+    y = np.array([1, 4, 4, 7, 2])
+    ours = mixup_target(jnp.asarray(y), 10, 0.3, label_smoothing=0.1)
+    ref = timm.data.mixup.mixup_target(torch.from_numpy(y), 10, lam=0.3, smoothing=0.1)
+    np.testing.assert_allclose(np.asarray(ours), ref.numpy(), rtol=1e-6, atol=1e-7)
+
+
+def _lam_of(targets: np.ndarray, y: np.ndarray) -> float:
+    """lam from smoothing-free soft targets: the weight on row 0's own label (rows 0 and -1 differ in label)."""
+    return float(targets[0, y[0]])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_mixup_images(seed):
+    x, y = jnp.asarray(images((4, 8, 8, 3), seed=seed)), jnp.asarray(np.array([0, 1, 2, 3]))
+    xm, t, lam = mixup_cutmix(x, y, jax.random.key(seed), alpha_mixup=0.8, alpha_cutmix=0.0, num_classes=5,
+                              label_smoothing=0.0)  # fmt: skip
+    lam = float(lam)
+    assert 0.0 < lam < 1.0 and _lam_of(np.asarray(t), np.asarray(y)) == pytest.approx(lam)
+    np.testing.assert_allclose(np.asarray(xm), np.asarray(x * lam + x[::-1] * (1 - lam)), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(t).sum(-1), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_cutmix_images(seed):
+    x, y = jnp.asarray(images((4, 16, 12, 3), seed=seed)), jnp.asarray(np.array([0, 1, 2, 3]))
+    xm, t, lam = jax.jit(mixup_cutmix, static_argnames=("alpha_mixup", "alpha_cutmix", "num_classes"))(
+        x, y, jax.random.key(seed), alpha_mixup=0.0, alpha_cutmix=1.0, num_classes=5, label_smoothing=0.0
+    )
+    xm, x = np.asarray(xm), np.asarray(x)
+    from_flip = np.all(xm == x[::-1], axis=(0, 3)) & ~np.all(xm == x, axis=(0, 3))
+    assert np.array_equal(from_flip | np.all(xm == x, axis=(0, 3)), np.ones((16, 12), bool))
+    rows, cols = np.nonzero(from_flip)
+    assert rows.size  # (these seeds paste a non-empty box) in one rectangle
+    assert from_flip[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1].all()
+    assert float(lam) == pytest.approx(1 - rows.size / (16 * 12))  # lam corrected to the pasted area
+    assert _lam_of(np.asarray(t), np.asarray(y)) == pytest.approx(float(lam))
+
+
+def test_mixup_cutmix_switches_and_trains():
+    x, y = _tiny_batch()
+    kinds = set()
+    for i in range(12):
+        xm, t, lam = map(np.asarray, mixup_cutmix(x, y, jax.random.key(i), num_classes=10))
+        assert 0.0 <= lam <= 1.0
+        np.testing.assert_allclose(t.sum(-1), 1.0, rtol=1e-6)
+        kinds.add("cutmix" if np.all((xm == x) | (xm == x[::-1])) else "mixup")
+    assert kinds == {"cutmix", "mixup"}  # both alphas > 0: switches between the two
+    model = _tiny()
+    optimizer = nnx.Optimizer(model, create_optimizer(model, lr=1e-3, total_steps=10), wrt=nnx.Param)
+    xm, t, _ = mixup_cutmix(x, y, jax.random.key(0), num_classes=10)
+    model.train()
+    out = train_step(model, optimizer, (xm, t), num_classes=10)  # soft targets: SoftTargetCrossEntropy
+    assert np.isfinite(float(out["loss"])) and 0 <= int(out["top1"]) <= 4
