@@ -444,6 +444,7 @@ class SwinTransformerStage(nnx.Module):
             if dim != out_dim:
                 raise ValueError(f"a stage without downsampling keeps its width: dim {dim} != out_dim {out_dim}")
             self.downsample = None
+        self.grad_checkpointing = False
         self.blocks = nnx.List(
             [
                 SwinTransformerBlock(
@@ -469,8 +470,13 @@ class SwinTransformerStage(nnx.Module):
         if self.downsample is not None:
             x = self.downsample(x)
         for block in self.blocks:
-            x = block(x)
+            # gradient checkpointing: keep only the block's input, recompute the rest in the backward pass
+            x = nnx.remat(_call_block)(block, x) if self.grad_checkpointing else block(x)
         return x
+
+
+def _call_block(block: nnx.Module, x: jax.Array) -> jax.Array:
+    return block(x)
 
 
 def _global_pool(x: jax.Array, pool_type: str) -> jax.Array:
@@ -795,6 +801,13 @@ class SwinTransformer(nnx.Module):
         self.num_classes = num_classes
         self.global_pool = pool
         self.head_hidden_size = self.head.num_features
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass (``nnx.remat``), as timm's method of
+        the same name: less memory for training, about one extra forward of compute. The parameter
+        tree (and so the timm mapping) is unchanged."""
+        for stage in self.layers:
+            stage.grad_checkpointing = enable
 
     def no_weight_decay(self) -> set[str]:
         """timm names of parameters that take no weight decay (relative position bias tables)."""
