@@ -164,9 +164,27 @@ def _run_predict(args: argparse.Namespace) -> int:
 # main
 # ----------------------------------------------------------------------------------------------------------
 
+
+def _add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
+    from .finetune import add_cli_arguments  # finetune.py imports orbax and grain only when training runs
+
+    add_cli_arguments(parser)
+
+
+def _run_finetune(args: argparse.Namespace) -> int:
+    from .finetune import run_cli
+
+    return run_cli(args)
+
+
 COMMANDS: dict[str, Command] = {
     "predict": Command(
         "classify images with a pretrained Swin (top-k ImageNet classes)", _add_predict_arguments, _run_predict
+    ),
+    "finetune": Command(
+        "fine-tune a Swin on an ImageFolder dataset (Orbax checkpoints, --resume, stops cleanly on SIGTERM)",
+        _add_finetune_arguments,
+        _run_finetune,
     ),
 }
 

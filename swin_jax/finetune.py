@@ -1,0 +1,627 @@
+"""Fine-tune a Swin on an ImageFolder dataset: checks up front, Orbax checkpoints, exact resume, SIGTERM-safe.
+
+:func:`finetune` ties together :mod:`swin_jax.datasets` (ImageFolder, checks, augmentation, resumable grain
+loaders), :mod:`swin_jax.train` (timm's AdamW / layer decay / cosine schedule, ``train_step``, EMA) and
+:func:`swin_jax.hub.save_pretrained`:
+
+* every data check runs before any model is built or compiled: both folders (missing, empty, one class),
+  the val classes equal the train classes, ``num_classes`` matches the dataset, every image decodes;
+* Orbax checkpoints in ``output/checkpoints`` (every ``save_every_steps`` steps, default each epoch end, and
+  at the end; ``keep`` of them; written atomically by Orbax) hold the whole ``nnx.state(model)``
+  (parameters and the RNG streams of dropout / drop path), the optimizer state, the EMA (if used) and the
+  step, which is also the loader position: ``resume=True`` continues with ``loader.iter_from(step)`` and
+  gives the same per-step losses as an uninterrupted run;
+* SIGTERM during training sets a flag; at the next step boundary a checkpoint is saved and
+  :func:`finetune` returns with ``status='interrupted'`` (the previous handler is restored);
+* per epoch one line is printed and appended to ``output/metrics.jsonl`` (train loss, val loss, top-1,
+  top-5 in percent); per step ``output/steps.jsonl`` gets the loss;
+* the final weights go to ``output/model`` (Flax layout): ``create_model(arch, pretrained=output/"model")``.
+
+Command line: ``python -m swin_jax finetune --model TAG --train-dir DIR --val-dir DIR --epochs N
+--batch-size N --lr X --output DIR [--resume]`` (see :func:`add_cli_arguments`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["FinetuneError", "finetune", "evaluate", "add_cli_arguments", "run_cli"]
+
+CHECKPOINT_DIR = "checkpoints"
+MODEL_DIR = "model"
+METRICS_FILE = "metrics.jsonl"
+STEPS_FILE = "steps.jsonl"
+# settings that must be equal when resuming (they decide the data order and the schedule)
+_RESUME_KEYS = ("model", "num_classes", "batch_size", "epochs", "seed", "steps_per_epoch", "ema")
+
+
+class FinetuneError(ValueError):
+    """A problem with the inputs of :func:`finetune` (data, settings, checkpoints), with a message for people."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# checks (no jax work)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _open_folder(path: Any, what: str):
+    from .datasets import ImageFolder
+
+    try:
+        return ImageFolder(path)
+    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
+        raise FinetuneError(f"{what}: {e}") from None
+
+
+def _check_data(train_dir: Any, val_dir: Any, num_classes: int | None, batch_size: int, verify: bool):
+    """``(train ImageFolder, val ImageFolder, num_classes)`` after every data check; raises FinetuneError."""
+    from .datasets import check_num_classes, verify_images
+
+    train_ds = _open_folder(train_dir, "training data")
+    val_ds = _open_folder(val_dir, "validation data")
+    if val_ds.classes != train_ds.classes:
+        only_train = sorted(set(train_ds.classes) - set(val_ds.classes))
+        only_val = sorted(set(val_ds.classes) - set(train_ds.classes))
+        detail = f"only in train: {only_train}, only in val: {only_val}" if only_train or only_val else "order differs"
+        raise FinetuneError(
+            f"the classes of {val_ds.root!r} differ from those of {train_ds.root!r} ({detail}); "
+            "both need the same class sub-directories"
+        )
+    if num_classes is None:
+        num_classes = len(train_ds.classes)
+    try:
+        check_num_classes(train_ds, num_classes)
+    except ValueError as e:
+        raise FinetuneError(str(e)) from None
+    if batch_size > len(train_ds):
+        raise FinetuneError(
+            f"batch_size={batch_size} exceeds the {len(train_ds)} training images of {train_ds.root!r}: "
+            "no full batch per epoch"
+        )
+    if verify:
+        for ds, what in ((train_ds, "training data"), (val_ds, "validation data")):
+            try:
+                verify_images(ds)
+            except ValueError as e:
+                raise FinetuneError(f"{what}: {e}") from None
+    return train_ds, val_ds, int(num_classes)
+
+
+def _check_settings(model: str, epochs: int, batch_size: int, lr: float, keep: int, save_every: int | None) -> None:
+    from .registry import split_model_name
+
+    try:
+        split_model_name(model)
+    except ValueError as e:
+        raise FinetuneError(str(e)) from None
+    if epochs < 1:
+        raise FinetuneError(f"epochs must be >= 1, got {epochs}")
+    if batch_size < 1:
+        raise FinetuneError(f"batch_size must be >= 1, got {batch_size}")
+    if not lr > 0:
+        raise FinetuneError(f"lr must be > 0, got {lr}")
+    if keep < 1:
+        raise FinetuneError(f"keep must be >= 1, got {keep}")
+    if save_every is not None and save_every < 1:
+        raise FinetuneError(f"save_every_steps must be >= 1, got {save_every}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# checkpoint trees: flat {path: array} dicts (PRNG keys stored as their raw key data)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _flat(state: Any) -> dict[str, Any]:
+    import jax
+    from flax import nnx
+
+    out = {}
+    for path, var in nnx.to_flat_state(state):
+        value = var.get_value() if hasattr(var, "get_value") else var
+        if hasattr(value, "dtype") and jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+            value = jax.random.key_data(value)
+        out["/".join(map(str, path))] = value
+    return out
+
+
+def _unflat(state: Any, flat: dict[str, Any]) -> Any:
+    """``state`` (an nnx.State) with every leaf replaced by ``flat``'s (PRNG keys re-wrapped)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    pairs = []
+    for path, var in nnx.to_flat_state(state):
+        old = var.get_value()
+        new = flat["/".join(map(str, path))]
+        if jax.dtypes.issubdtype(old.dtype, jax.dtypes.prng_key):
+            new = jax.random.wrap_key_data(jnp.asarray(new), impl=jax.random.key_impl(old))
+        else:
+            new = jnp.asarray(new, dtype=old.dtype)
+        pairs.append((path, var.replace(new)))
+    return nnx.from_flat_state(pairs)
+
+
+def _manager(directory: Path, keep: int):
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, save_interval_steps=1, enable_async_checkpointing=False, create=True
+    )
+    return ocp.CheckpointManager(directory.resolve(), options=options)
+
+
+def _read_meta(mgr, step: int) -> dict[str, Any]:
+    import orbax.checkpoint as ocp
+
+    return dict(mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# evaluation
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _eval_batch_impl(model, images, labels, mask):
+    import jax
+    import jax.numpy as jnp
+
+    logits = model(images).astype(jnp.float32)
+    label_logit = jnp.take_along_axis(logits, labels[:, None].astype(jnp.int32), axis=-1)
+    nll = jax.nn.logsumexp(logits, axis=-1) - label_logit[:, 0]
+    rank = jnp.sum(logits > label_logit, axis=-1)  # as swin_jax.train.topk_correct
+    mask = mask.astype(jnp.float32)
+    return {
+        "loss": jnp.sum(nll * mask),
+        "top1": jnp.sum((rank < 1) * mask),
+        "top5": jnp.sum((rank < min(5, logits.shape[-1])) * mask),
+        "n": jnp.sum(mask),
+    }
+
+
+_EVAL_BATCH = None
+
+
+def evaluate(model: Any, loader: Any) -> dict[str, float]:
+    """Mean cross-entropy and top-1 / top-5 accuracy (percent) of ``model`` over an eval loader.
+
+    ``loader`` is a :func:`swin_jax.datasets.make_eval_loader` (padded batches with a ``mask``). The model is
+    put in eval mode.
+    """
+    global _EVAL_BATCH
+    import jax.numpy as jnp
+    from flax import nnx
+
+    if _EVAL_BATCH is None:
+        _EVAL_BATCH = nnx.jit(_eval_batch_impl)
+    model.eval()
+    totals = {"loss": 0.0, "top1": 0.0, "top5": 0.0, "n": 0.0}
+    for batch in loader:
+        mask = batch.get("mask")
+        if mask is None:
+            mask = jnp.ones(batch["label"].shape, bool)
+        out = _EVAL_BATCH(model, jnp.asarray(batch["image"]), jnp.asarray(batch["label"]), jnp.asarray(mask))
+        for k in totals:
+            totals[k] += float(out[k])
+    n = max(totals["n"], 1.0)
+    return {"loss": totals["loss"] / n, "top1": 100.0 * totals["top1"] / n, "top5": 100.0 * totals["top5"] / n}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# finetune
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+
+
+def finetune(
+    *,
+    model: str,
+    pretrained: bool | str | os.PathLike = False,
+    train_dir: str | os.PathLike,
+    val_dir: str | os.PathLike,
+    num_classes: int | None = None,
+    img_size: int | None = None,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    layer_decay: float | None = None,
+    weight_decay: float = 0.05,
+    warmup_epochs: int = 0,
+    label_smoothing: float = 0.1,
+    drop_path_rate: float = 0.1,
+    clip_grad_norm: float | None = None,
+    ema_decay: float | None = None,
+    seed: int = 0,
+    output: str | os.PathLike,
+    resume: bool = False,
+    save_every_steps: int | None = None,
+    keep: int = 3,
+    max_steps: int | None = None,
+    verify: bool = True,
+    log_steps: bool = True,
+    progress: bool | None = None,
+    worker_count: int = 0,
+    **model_overrides: Any,
+) -> dict[str, Any]:
+    """Fine-tune ``model`` on ``train_dir`` (ImageFolder layout), validating on ``val_dir`` every epoch.
+
+    Args:
+        model: ``arch`` or ``arch.tag`` (see :func:`swin_jax.list_models`).
+        pretrained: as :func:`swin_jax.create_model` (False, True, ``hf-hub:...`` or a local path).
+        train_dir, val_dir: ``root/<class>/<image>`` folders with the same classes.
+        num_classes: classifier classes (default: the number of training classes; must match it).
+        img_size: input size (default: the model's).
+        epochs, batch_size, lr: training length, batch size (full batches only) and peak learning rate.
+        layer_decay, weight_decay, warmup_epochs, clip_grad_norm: see :func:`swin_jax.train.create_optimizer`.
+        label_smoothing: label smoothing of the training loss.
+        drop_path_rate: stochastic depth rate.
+        ema_decay: keep an EMA of the weights (evaluated too, as ``ema_*`` metrics) if set.
+        seed: model init, drop path, shuffling and augmentation seed.
+        output: output directory (``checkpoints/``, ``metrics.jsonl``, ``steps.jsonl``, ``model/``).
+        resume: continue from the latest checkpoint in ``output/checkpoints`` (from scratch if none).
+        save_every_steps: checkpoint interval in steps (default: every epoch end); one is always saved at
+            the end, when stopped by ``max_steps`` and on SIGTERM.
+        keep: checkpoints kept.
+        max_steps: stop (with a checkpoint) after this global step; for tests and step budgets.
+        verify: decode every image before training (:func:`swin_jax.datasets.verify_images`).
+        log_steps: append ``{"step", "epoch", "loss"}`` per step to ``output/steps.jsonl``.
+        progress: tqdm progress bar (default: when stderr is a terminal).
+        worker_count: grain worker processes of the training loader.
+        **model_overrides: other :func:`swin_jax.create_model` arguments (``embed_dim``, ``depths``,
+            ``num_heads``, ``window_size``, ...).
+
+    Returns:
+        ``{"status": 'completed' | 'stopped' (max_steps) | 'interrupted' (SIGTERM), "step", "epoch",
+        "checkpoint" (path of the last checkpoint), "model_dir" (final weights, when completed), and the last
+        epoch's metrics ("loss", "val_loss", "top1", "top5", ...) if an epoch ended}``.
+
+    Raises:
+        FinetuneError (a ValueError): bad data or settings, found before any model is built.
+    """
+    output = Path(output)
+    _check_settings(model, epochs, batch_size, lr, keep, save_every_steps)
+    train_ds, val_ds, num_classes = _check_data(train_dir, val_dir, num_classes, batch_size, verify)
+    steps_per_epoch = len(train_ds) // batch_size
+    total_steps = epochs * steps_per_epoch
+    warmup_steps = int(warmup_epochs) * steps_per_epoch
+    if total_steps <= warmup_steps:
+        raise FinetuneError(
+            f"warmup_epochs={warmup_epochs} must be smaller than epochs={epochs} (total steps {total_steps})"
+        )
+    run_config = {
+        "model": model,
+        "num_classes": num_classes,
+        "batch_size": batch_size,
+        "epochs": epochs,
+        "seed": seed,
+        "steps_per_epoch": steps_per_epoch,
+        "ema": ema_decay is not None,
+    }
+    ckpt_dir = output / CHECKPOINT_DIR
+    has_checkpoints = ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
+    if has_checkpoints and not resume:
+        raise FinetuneError(f"{ckpt_dir} already holds checkpoints: pass resume=True (--resume) or another output")
+
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    from .data import create_transform, resolve_data_config
+    from .datasets import create_train_transform, make_eval_loader, make_loader
+    from .factory import create_model
+    from .hub import save_pretrained
+    from .train import EMA, create_optimizer, train_step
+
+    output.mkdir(parents=True, exist_ok=True)
+    mgr = _manager(ckpt_dir, keep)
+    start_step, meta = 0, None
+    if resume and mgr.latest_step() is not None:
+        start_step = int(mgr.latest_step())
+        meta = _read_meta(mgr, start_step)
+        differ = {k: (meta["config"].get(k), v) for k, v in run_config.items() if meta["config"].get(k) != v}
+        if differ:
+            details = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in differ.items())
+            raise FinetuneError(f"cannot resume from {ckpt_dir / str(start_step)}: settings differ ({details})")
+
+    net = create_model(
+        model,
+        pretrained=pretrained,
+        num_classes=num_classes,
+        img_size=img_size,
+        drop_path_rate=drop_path_rate,
+        rngs=nnx.Rngs(seed),
+        **model_overrides,
+    )
+    cfg = resolve_data_config(net)
+    train_loader = make_loader(
+        train_ds,
+        transform=create_train_transform(**cfg),
+        batch_size=batch_size,
+        shuffle=True,
+        seed=seed,
+        num_epochs=epochs,
+        drop_remainder=True,
+        worker_count=worker_count,
+    )
+    val_loader = make_eval_loader(val_ds, transform=create_transform(**cfg), batch_size=batch_size)
+    tx = create_optimizer(
+        net,
+        lr=lr,
+        weight_decay=weight_decay,
+        layer_decay=layer_decay,
+        warmup_steps=warmup_steps,
+        total_steps=total_steps,
+        clip_grad_norm=clip_grad_norm,
+    )
+    optimizer = nnx.Optimizer(net, tx, wrt=nnx.Param)
+    ema = EMA(net, decay=ema_decay) if ema_decay is not None else None
+
+    acc = {"loss_sum": 0.0, "top1": 0.0, "top5": 0.0, "n": 0, "steps": 0}  # the current epoch's train stats
+    if meta is not None:
+        targets = {"model": _flat(nnx.state(net)), "opt": _flat(nnx.state(optimizer))}
+        if ema is not None:
+            targets["ema"] = _flat(ema.params)
+        restored = mgr.restore(
+            start_step, args=ocp.args.Composite(**{k: ocp.args.StandardRestore(v) for k, v in targets.items()})
+        )
+        nnx.update(net, _unflat(nnx.state(net), dict(restored["model"])))
+        nnx.update(optimizer, _unflat(nnx.state(optimizer), dict(restored["opt"])))
+        if ema is not None:
+            ema.params = _unflat(ema.params, dict(restored["ema"]))
+        acc = dict(meta["epoch_acc"])
+        print(f"resuming from {ckpt_dir / str(start_step)} (step {start_step} of {total_steps})", flush=True)
+
+    def save(step: int) -> Path:
+        if mgr.latest_step() != step:
+            items = {
+                "model": ocp.args.StandardSave(_flat(nnx.state(net))),
+                "opt": ocp.args.StandardSave(_flat(nnx.state(optimizer))),
+                "meta": ocp.args.JsonSave({"step": step, "loader_step": step, "config": run_config, "epoch_acc": acc}),
+            }
+            if ema is not None:
+                items["ema"] = ocp.args.StandardSave(_flat(ema.params))
+            mgr.save(step, args=ocp.args.Composite(**items))
+            mgr.wait_until_finished()
+        return ckpt_dir.resolve() / str(step)
+
+    stop = threading.Event()
+    previous_handler = None
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if in_main_thread:
+        previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    bar = None
+    if progress or (progress is None and sys.stderr.isatty()):
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    step = start_step
+    status = "completed"
+    last: dict[str, Any] = {}
+    checkpoint = None
+    try:
+        net.train()
+        if stop.is_set():
+            status = "interrupted"
+        elif max_steps is not None and step >= max_steps and step < total_steps:
+            status = "stopped"
+        else:
+            for batch in train_loader.iter_from(step):
+                t0 = time.perf_counter()
+                out = train_step(
+                    net,
+                    optimizer,
+                    (jnp.asarray(batch["image"]), jnp.asarray(batch["label"])),
+                    label_smoothing=label_smoothing,
+                    num_classes=num_classes,
+                )
+                if ema is not None:
+                    ema.update(net)
+                step += 1
+                loss = float(out["loss"])
+                epoch = (step - 1) // steps_per_epoch + 1
+                n = int(batch["label"].shape[0])
+                acc["loss_sum"] += loss
+                acc["top1"] += float(out["top1"])
+                acc["top5"] += float(out["top5"])
+                acc["n"] += n
+                acc["steps"] += 1
+                if log_steps:
+                    _append_jsonl(output / STEPS_FILE, {"step": step, "epoch": epoch, "loss": loss})
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                    bar.update(1)
+                if step % steps_per_epoch == 0:
+                    last = _end_epoch(net, ema, val_loader, acc, epoch, step, time.perf_counter() - t0, output)
+                    acc = {"loss_sum": 0.0, "top1": 0.0, "top5": 0.0, "n": 0, "steps": 0}
+                    net.train()
+                periodic = save_every_steps is None and step % steps_per_epoch == 0
+                periodic |= save_every_steps is not None and step % save_every_steps == 0
+                if step >= total_steps:
+                    break
+                if stop.is_set():
+                    status = "interrupted"
+                    break
+                if max_steps is not None and step >= max_steps:
+                    status = "stopped"
+                    break
+                if periodic:
+                    checkpoint = save(step)
+        checkpoint = save(step)
+    finally:
+        if bar is not None:
+            bar.close()
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous_handler)
+        mgr.close()
+
+    result: dict[str, Any] = {
+        "status": status,
+        "step": step,
+        "epoch": step / steps_per_epoch,
+        "checkpoint": str(checkpoint),
+        **last,
+    }
+    if status == "completed":
+        result["model_dir"] = str(save_pretrained(net, output / MODEL_DIR, fmt="flax", force=True))
+    elif status == "interrupted":
+        print(f"stopped by SIGTERM at step {step}; checkpoint {checkpoint}; continue with resume=True", flush=True)
+    else:
+        print(f"stopped at step {step} (max_steps); checkpoint {checkpoint}", flush=True)
+    return result
+
+
+def _end_epoch(net, ema, val_loader, acc, epoch, step, _dt, output: Path) -> dict[str, Any]:
+    from flax import nnx
+
+    val = evaluate(net, val_loader)
+    record = {
+        "epoch": epoch,
+        "step": step,
+        "loss": acc["loss_sum"] / max(acc["steps"], 1),
+        "train_top1": 100.0 * acc["top1"] / max(acc["n"], 1),
+        "val_loss": val["loss"],
+        "top1": val["top1"],
+        "top5": val["top5"],
+    }
+    if ema is not None:
+        ema_model = nnx.clone(net)
+        ema.copy_to(ema_model)
+        ema_val = evaluate(ema_model, val_loader)
+        record.update({f"ema_{k}" if k != "loss" else "ema_val_loss": v for k, v in ema_val.items()})
+    _append_jsonl(output / METRICS_FILE, record)
+    line = (
+        f"epoch {epoch} step {step}: train loss {record['loss']:.4f} | val loss {record['val_loss']:.4f} "
+        f"top1 {record['top1']:.2f} top5 {record['top5']:.2f}"
+    )
+    if ema is not None:
+        line += f" | ema top1 {record['ema_top1']:.2f}"
+    print(line, flush=True)
+    return record
+
+
+# ----------------------------------------------------------------------------------------------------------
+# command line (registered as ``finetune`` in swin_jax.cli.COMMANDS)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text}")
+    return value
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``python -m swin_jax finetune``."""
+    parser.add_argument("--model", required=True, metavar="NAME", help="architecture or arch.tag")
+    parser.add_argument(
+        "--pretrained",
+        metavar="SRC",
+        help="initial weights: 'hub' (the tag's Hub weights), hf-hub:org/repo, or a local checkpoint path "
+        "(default: random init)",
+    )
+    parser.add_argument("--train-dir", required=True, metavar="DIR", help="training ImageFolder (root/<class>/<img>)")
+    parser.add_argument("--val-dir", required=True, metavar="DIR", help="validation ImageFolder (same classes)")
+    parser.add_argument("--num-classes", type=_positive_int, metavar="N", help="default: the training classes")
+    parser.add_argument("--img-size", type=_positive_int, metavar="N", help="input size (default: the model's)")
+    parser.add_argument("--epochs", type=_positive_int, required=True, metavar="N")
+    parser.add_argument("--batch-size", type=_positive_int, required=True, metavar="N")
+    parser.add_argument("--lr", type=_non_negative_float, required=True, metavar="X", help="peak learning rate")
+    parser.add_argument("--layer-decay", type=_non_negative_float, metavar="X", help="layer-wise lr decay, e.g. 0.75")
+    parser.add_argument("--weight-decay", type=_non_negative_float, default=0.05, metavar="X")
+    parser.add_argument("--warmup-epochs", type=int, default=0, metavar="N")
+    parser.add_argument("--label-smoothing", type=_non_negative_float, default=0.1, metavar="X")
+    parser.add_argument("--drop-path", type=_non_negative_float, default=0.1, metavar="X", help="stochastic depth")
+    parser.add_argument("--ema-decay", type=_non_negative_float, metavar="X", help="keep an EMA of the weights")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", required=True, metavar="DIR", help="checkpoints, metrics and the final model")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
+    parser.add_argument("--save-every", type=_positive_int, metavar="STEPS", help="default: every epoch")
+    parser.add_argument("--keep", type=_positive_int, default=3, metavar="N", help="checkpoints kept (default: 3)")
+    parser.add_argument("--max-steps", type=_positive_int, metavar="N", help="stop after this many steps")
+    parser.add_argument("--workers", type=int, default=0, metavar="N", help="grain worker processes")
+    parser.add_argument(
+        "--model-args",
+        metavar="JSON",
+        help='architecture overrides, e.g. \'{"embed_dim":32,"depths":[2,2],"num_heads":[2,4],"window_size":4}\'',
+    )
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """Run ``python -m swin_jax finetune``; people's errors become :class:`swin_jax.cli.CLIError`."""
+    from .cli import CLIError
+
+    overrides: dict[str, Any] = {}
+    if args.model_args:
+        try:
+            overrides = json.loads(args.model_args)
+        except json.JSONDecodeError as e:
+            raise CLIError(f"--model-args is not valid JSON: {e}") from None
+        if not isinstance(overrides, dict):
+            raise CLIError("--model-args must be a JSON object")
+        overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+    pretrained: Any = args.pretrained if args.pretrained is not None else False
+    if pretrained == "hub":
+        pretrained = True
+    try:
+        result = finetune(
+            model=args.model,
+            pretrained=pretrained,
+            train_dir=args.train_dir,
+            val_dir=args.val_dir,
+            num_classes=args.num_classes,
+            img_size=args.img_size,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            layer_decay=args.layer_decay,
+            weight_decay=args.weight_decay,
+            warmup_epochs=args.warmup_epochs,
+            label_smoothing=args.label_smoothing,
+            drop_path_rate=args.drop_path,
+            ema_decay=args.ema_decay,
+            seed=args.seed,
+            output=args.output,
+            resume=args.resume,
+            save_every_steps=args.save_every,
+            keep=args.keep,
+            max_steps=args.max_steps,
+            worker_count=args.workers,
+            **overrides,
+        )
+    except FinetuneError as e:
+        raise CLIError(str(e)) from None
+    except TypeError as e:  # an unknown --model-args key
+        if "--model-args" in str(e) or "unexpected keyword" in str(e):
+            raise CLIError(f"bad --model-args: {e}") from None
+        raise
+    print(json.dumps(result), flush=True)
+    return 0

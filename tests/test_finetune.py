@@ -1,0 +1,205 @@
+"""Tests for swin_jax.finetune: exact resume, SIGTERM, final weights, data checks, metrics (tiny Swin, CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from swin_jax.finetune import FinetuneError, finetune
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PHOTOS = ("chelsea", "astronaut", "coffee", "rocket")
+ARCH = "swin_tiny_patch4_window7_224"
+TINY = {"embed_dim": 16, "depths": (1, 1), "num_heads": (1, 2), "window_size": 4}
+COMMON = dict(model=ARCH, img_size=32, epochs=2, batch_size=4, lr=1e-3, seed=3, **TINY)
+
+
+def _photo(name: str, size: tuple[int, int]) -> Image.Image:
+    skdata = pytest.importorskip("skimage.data")
+    return Image.fromarray(getattr(skdata, name)()).convert("RGB").resize(size, Image.Resampling.BILINEAR)
+
+
+def _make_folder(root: Path, classes=("a", "b"), per_class: int = 4) -> Path:
+    for c, cls in enumerate(classes):
+        (root / cls).mkdir(parents=True)
+        for i in range(per_class):
+            _photo(PHOTOS[(i + c) % len(PHOTOS)], (36 + 4 * i, 40 + 2 * c)).save(root / cls / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("ft_data")
+    return _make_folder(root / "train", per_class=4), _make_folder(root / "val", per_class=2)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _step_losses(output: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in _read_jsonl(output / "steps.jsonl")}
+
+
+@pytest.fixture(scope="module")
+def full_run(data, tmp_path_factory) -> tuple[Path, dict]:
+    """Run A: 2 epochs x 2 steps, uninterrupted."""
+    out = tmp_path_factory.mktemp("run_a")
+    result = finetune(train_dir=data[0], val_dir=data[1], output=out, **COMMON)
+    return out, result
+
+
+def test_resume_gives_the_same_step_losses(data, full_run, tmp_path):
+    out_a, result_a = full_run
+    assert result_a["status"] == "completed" and result_a["step"] == 4
+    stopped = finetune(train_dir=data[0], val_dir=data[1], output=tmp_path, max_steps=1, **COMMON)
+    assert stopped["status"] == "stopped" and stopped["step"] == 1
+    assert (tmp_path / "checkpoints" / "1").is_dir()
+    with pytest.raises(FinetuneError, match="already holds checkpoints"):
+        finetune(train_dir=data[0], val_dir=data[1], output=tmp_path, **COMMON)
+    resumed = finetune(train_dir=data[0], val_dir=data[1], output=tmp_path, resume=True, **COMMON)
+    assert resumed["status"] == "completed" and resumed["step"] == 4
+    a, b = _step_losses(out_a), _step_losses(tmp_path)
+    assert sorted(b) == [1, 2, 3, 4]
+    np.testing.assert_allclose([b[s] for s in range(1, 5)], [a[s] for s in range(1, 5)], rtol=0, atol=1e-6)
+    # epoch 1's train loss (resumed mid-epoch) and the val metrics equal run A's too
+    ma, mb = _read_jsonl(out_a / "metrics.jsonl"), _read_jsonl(tmp_path / "metrics.jsonl")
+    for ra, rb in zip(ma, mb, strict=True):
+        for k in ("loss", "val_loss", "top1", "top5"):
+            assert rb[k] == pytest.approx(ra[k], abs=1e-5), k
+    # keep=3 and checkpoints at epoch ends + the max_steps stop
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [1, 2, 4]
+
+
+def test_metrics_and_final_weights(data, full_run):
+    import jax.numpy as jnp
+
+    from swin_jax import create_model
+    from swin_jax.data import create_transform, resolve_data_config
+    from swin_jax.datasets import ImageFolder
+    from swin_jax.train import eval_step
+
+    out, result = full_run
+    records = _read_jsonl(out / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [1, 2]
+    for r in records:
+        assert {"epoch", "loss", "val_loss", "top1", "top5"} <= set(r)
+        assert 0 <= r["top1"] <= r["top5"] <= 100 and np.isfinite(r["loss"])
+    assert result["top1"] == records[-1]["top1"]
+
+    model = create_model(ARCH, pretrained=str(out / "model"))
+    assert model.num_classes == 2
+    val = ImageFolder(data[1])
+    transform = create_transform(**resolve_data_config(model))
+    images = jnp.asarray(np.stack([transform(val[i][0]) for i in range(len(val))]))
+    labels = jnp.asarray(val.targets)
+    m = eval_step(model, (images, labels))
+    assert float(m["loss"]) == pytest.approx(records[-1]["val_loss"], abs=1e-5)
+    assert 100.0 * float(m["top1"]) / len(val) == pytest.approx(records[-1]["top1"])
+    assert 100.0 * float(m["top5"]) / len(val) == pytest.approx(records[-1]["top5"])
+
+
+def _cli(data, out, *extra):
+    return [
+        sys.executable, "-m", "swin_jax", "finetune", "--model", ARCH, "--train-dir", str(data[0]),
+        "--val-dir", str(data[1]), "--img-size", "32", "--epochs", "3", "--batch-size", "4", "--lr", "1e-3",
+        "--output", str(out), "--model-args", json.dumps(TINY), *extra,
+    ]  # fmt: skip
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": str(REPO_ROOT), "JAX_PLATFORMS": "cpu"}
+
+
+def test_sigterm_saves_and_resume_completes(data, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        _cli(data, out), cwd=REPO_ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not ((out / "steps.jsonl").exists() and (out / "steps.jsonl").read_text().strip()):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no step logged"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert result["status"] == "interrupted" and 1 <= result["step"] < 6
+    assert (out / "checkpoints" / str(result["step"])).is_dir()
+    assert not (out / "model").exists()
+
+    done = subprocess.run(_cli(data, out, "--resume"), cwd=REPO_ROOT, env=_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    final = json.loads(done.stdout.strip().splitlines()[-1])
+    assert final["status"] == "completed" and final["step"] == 6
+    assert (out / "model" / "config.json").is_file()
+    assert sorted(_step_losses(out)) == list(range(1, 7))
+
+
+def _bad(root: Path, kind: str) -> tuple[Path, Path, list[str], str]:
+    train, val = _make_folder(root / "train", per_class=2), _make_folder(root / "val", per_class=1)
+    extra: list[str] = []
+    if kind == "empty":
+        train = root / "empty"
+        train.mkdir()
+        msg = "no class sub-directories"
+    elif kind == "one_class":
+        train = _make_folder(root / "one", classes=("a",), per_class=4)
+        msg = "only 1 class"
+    elif kind == "val_classes":
+        val = _make_folder(root / "val2", classes=("a", "c"), per_class=1)
+        msg = r"only in train: \['b'\], only in val: \['c'\]"
+    elif kind == "num_classes":
+        extra = ["--num-classes", "5"]
+        msg = "num_classes=5 does not match"
+    elif kind == "unreadable":
+        (train / "b" / "broken.jpg").write_bytes(b"not a jpeg")
+        msg = "1 of 5 image files are unreadable or corrupt:\n  .*broken.jpg"
+    else:  # missing
+        train = root / "nope"
+        msg = "does not exist"
+    return train, val, extra, msg
+
+
+@pytest.mark.parametrize("kind", ["empty", "one_class", "val_classes", "num_classes", "unreadable", "missing"])
+def test_bad_data_fails_before_building(kind, tmp_path, monkeypatch):
+    import swin_jax.factory
+
+    train, val, extra, msg = _bad(tmp_path, kind)
+    out = tmp_path / "out"
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("model built before the data checks")
+
+    monkeypatch.setattr(swin_jax.factory, "create_model", no_model)
+    num_classes = int(extra[1]) if extra else None
+    with pytest.raises(FinetuneError, match=msg):
+        finetune(train_dir=train, val_dir=val, output=out, num_classes=num_classes, **COMMON)
+    assert not out.exists()
+
+
+def test_cli_bad_data_exit_2(tmp_path):
+    train, val, extra, _ = _bad(tmp_path, "unreadable")
+    out = tmp_path / "out"
+    t0 = time.monotonic()
+    res = subprocess.run(
+        _cli((train, val), out, *extra), cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode == 2
+    assert "finetune: error: training data: 1 of 5 image files are unreadable" in res.stderr
+    assert "broken.jpg" in res.stderr and "Traceback" not in res.stderr
+    assert not out.exists() and time.monotonic() - t0 < 30
