@@ -311,6 +311,14 @@ def finetune(
         "steps_per_epoch": steps_per_epoch,
         "ema": ema_decay is not None,
     }
+    import jax
+
+    devices = jax.device_count()
+    if batch_size % devices:
+        raise FinetuneError(
+            f"batch_size={batch_size} must be divisible by the number of devices ({devices}): each device gets an "
+            f"equal share of every batch"
+        )
     ckpt_dir = output / CHECKPOINT_DIR
     has_checkpoints = ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
     if has_checkpoints and not resume:
@@ -322,6 +330,7 @@ def finetune(
 
     from .data import create_transform, resolve_data_config
     from .datasets import create_train_transform, make_eval_loader, make_loader
+    from .distributed import make_mesh, shard_batch, shard_model
     from .factory import create_model
     from .hub import save_pretrained
     from .train import EMA, create_optimizer, train_step
@@ -368,6 +377,11 @@ def finetune(
         clip_grad_norm=clip_grad_norm,
     )
     optimizer = nnx.Optimizer(net, tx, wrt=nnx.Param)
+    # data parallel over every device (a no-op placement on one): XLA all-reduces the gradients
+    mesh = make_mesh() if devices > 1 else None
+    if mesh is not None:
+        shard_model(net, mesh)
+        shard_model(optimizer, mesh)
     ema = EMA(net, decay=ema_decay) if ema_decay is not None else None
 
     acc = {"loss_sum": 0.0, "top1": 0.0, "top5": 0.0, "n": 0, "steps": 0}  # the current epoch's train stats
@@ -422,10 +436,11 @@ def finetune(
         else:
             for batch in train_loader.iter_from(step):
                 t0 = time.perf_counter()
+                arrays = (batch["image"], batch["label"])
                 out = train_step(
                     net,
                     optimizer,
-                    (jnp.asarray(batch["image"]), jnp.asarray(batch["label"])),
+                    shard_batch(arrays, mesh) if mesh is not None else tuple(jnp.asarray(a) for a in arrays),
                     label_smoothing=label_smoothing,
                     num_classes=num_classes,
                 )

@@ -203,3 +203,37 @@ def test_cli_bad_data_exit_2(tmp_path):
     assert "finetune: error: training data: 1 of 5 image files are unreadable" in res.stderr
     assert "broken.jpg" in res.stderr and "Traceback" not in res.stderr
     assert not out.exists() and time.monotonic() - t0 < 30
+
+
+def test_data_parallel_on_4_devices_with_resume_matches_one_device(data, full_run, tmp_path):
+    """The same command on 4 simulated devices (batch split over a data mesh, checkpoints of sharded
+    arrays restored on resume) gives the 1-device run's step losses."""
+    out_a, _ = full_run
+    cmd = [
+        sys.executable, "-m", "swin_jax", "finetune", "--model", ARCH, "--train-dir", str(data[0]),
+        "--val-dir", str(data[1]), "--img-size", "32", "--epochs", "2", "--batch-size", "4", "--lr", "1e-3",
+        "--seed", "3", "--output", str(tmp_path), "--model-args", json.dumps(TINY),
+    ]  # fmt: skip
+    env = {**_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    first = subprocess.run([*cmd, "--max-steps", "2"], env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    second = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert json.loads(second.stdout.strip().splitlines()[-1])["status"] == "completed"
+    a, b = _step_losses(out_a), _step_losses(tmp_path)
+    assert sorted(b) == [1, 2, 3, 4]
+    # reduction order differs across devices: equal up to fp32 rounding
+    np.testing.assert_allclose([b[s] for s in range(1, 5)], [a[s] for s in range(1, 5)], rtol=1e-4)
+
+
+def test_batch_not_divisible_by_devices_is_refused_before_building(data, tmp_path):
+    cmd = [
+        sys.executable, "-m", "swin_jax", "finetune", "--model", ARCH, "--train-dir", str(data[0]),
+        "--val-dir", str(data[1]), "--img-size", "32", "--epochs", "1", "--batch-size", "3", "--lr", "1e-3",
+        "--output", str(tmp_path / "out"), "--model-args", json.dumps(TINY),
+    ]  # fmt: skip
+    env = {**_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "batch_size=3 must be divisible by the number of devices (4)" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
