@@ -229,6 +229,22 @@ def test_train_step_reduces_loss_and_eval_step():
     assert 0 <= int(last["top1"]) <= int(last["top5"]) <= 4
 
 
+def test_bf16_compute_trains_with_fp32_master_weights():
+    """dtype=bfloat16 computes in bf16 (softmax and LayerNorm statistics in fp32) while the parameters and
+    the optimizer state stay fp32; the loss goes down as in fp32."""
+    batch = _tiny_batch()
+    losses = {}
+    for name, dtype in (("fp32", jnp.float32), ("bf16", jnp.bfloat16)):
+        model = _tiny(dtype=dtype)
+        optimizer = nnx.Optimizer(model, create_optimizer(model, lr=2e-3, total_steps=50), wrt=nnx.Param)
+        model.train()
+        losses[name] = [float(train_step(model, optimizer, batch, num_classes=10)["loss"]) for _ in range(6)]
+        assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))
+        assert model(batch[0]).dtype == (jnp.bfloat16 if name == "bf16" else jnp.float32)
+    assert losses["bf16"][-1] < 0.9 * losses["bf16"][0], losses
+    np.testing.assert_allclose(losses["bf16"], losses["fp32"], rtol=5e-2)
+
+
 def test_grad_accumulation_equals_one_big_step():
     """Two micro-batches of 4 with ``grad_accum_steps=2`` make the update of one step on the batch of 8.
 
