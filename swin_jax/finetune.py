@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .cli import _positive_int
+
 __all__ = ["FinetuneError", "finetune", "evaluate", "add_cli_arguments", "run_cli"]
 
 CHECKPOINT_DIR = "checkpoints"
@@ -532,16 +534,6 @@ def _end_epoch(net, ema, val_loader, acc, epoch, step, _dt, output: Path) -> dic
 # ----------------------------------------------------------------------------------------------------------
 # command line (registered as ``finetune`` in swin_jax.cli.COMMANDS)
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def _non_negative_float(text: str) -> float:
