@@ -38,6 +38,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from .weights import timm_name
+
 __all__ = [
     "GroupSpec",
     "timm_param_names",
@@ -84,10 +86,7 @@ def _path_to_timm_name(path: tuple[Any, ...]) -> str:
     """A key path into a parameter tree (an ``nnx.State`` of Params or of raw arrays) -> the timm name."""
     if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
         path = path[:-1]  # an nnx.Variable is a pytree node with a ``value`` leaf
-    parts = [_key_str(k) for k in path]
-    if parts and parts[-1] in ("kernel", "scale"):
-        parts[-1] = "weight"
-    return ".".join(parts)
+    return timm_name([_key_str(k) for k in path])
 
 
 def timm_param_names(model: nnx.Module) -> dict[str, int]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax.numpy as jnp
@@ -37,6 +37,7 @@ __all__ = [
     "to_flax_state_dict",
     "flax_to_timm_state_dict",
     "is_ignored_timm_key",
+    "timm_name",
     "filter_timm_checkpoint",
     "resize_rel_pos_bias_table",
     "adapt_input_conv",
@@ -58,6 +59,16 @@ _RULES: dict[tuple[str, int | None], tuple[str, Callable, Callable]] = {
     ("bias", None): ("bias", _identity, _identity),
     ("relative_position_bias_table", None): ("relative_position_bias_table", _identity, _identity),
 }
+
+
+# NNX leaf name -> timm leaf name (the naming half of the table; the layout depends on ndim, the name does not)
+_TIMM_LEAF = {leaf: rule[0] for (leaf, _), rule in _RULES.items()}
+
+
+def timm_name(path: Sequence[Any]) -> str:
+    """A parameter's NNX path (``('layers', 0, ..., 'qkv', 'kernel')``) -> its timm name (``layers.0...qkv.weight``)."""
+    *module, leaf = (str(p) for p in path)
+    return ".".join([*module, _TIMM_LEAF.get(leaf, leaf)])
 
 
 def _rule(leaf: str, ndim: int) -> tuple[str, Callable, Callable]:
@@ -103,10 +114,8 @@ def _param_entries(model: nnx.Module) -> dict[str, tuple[tuple, Any]]:
     """timm name -> (NNX path, Param variable) for every parameter of the model (abstract or not)."""
     entries = {}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        leaf = str(path[-1])
-        timm_leaf, _, _ = _rule(leaf, len(var.shape))
-        name = ".".join(str(p) for p in path[:-1]) + "." + timm_leaf
-        entries[name] = (path, var)
+        _rule(str(path[-1]), len(var.shape))  # every parameter must have a layout rule
+        entries[timm_name(path)] = (path, var)
     return entries
 
 
