@@ -277,6 +277,35 @@ class WindowAttention(nnx.Module):
         bias = jnp.take(self.relative_position_bias_table[...], index, axis=0).reshape(n, n, -1)
         return bias.transpose(2, 0, 1)
 
+    def _qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        b_, n, _ = x.shape
+        qkv = self.qkv(x).reshape(b_, n, 3, self.num_heads, -1).transpose(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        return q * jnp.asarray(self.scale, q.dtype), k, v
+
+    def _softmax(self, q: jax.Array, k: jax.Array, mask: np.ndarray | None) -> jax.Array:
+        n = q.shape[2]
+        attn = jnp.einsum("bhqd,bhkd->bhqk", q, k)
+        attn = attn + self.relative_position_bias().astype(attn.dtype)[None]
+        if mask is not None:
+            num_win = mask.shape[0]
+            attn = attn.reshape(-1, num_win, self.num_heads, n, n) + jnp.asarray(mask, attn.dtype)[None, :, None]
+            attn = attn.reshape(-1, self.num_heads, n, n)
+        return jax.nn.softmax(attn.astype(jnp.float32), axis=-1)
+
+    def attention_weights(self, x: jax.Array, mask: np.ndarray | None = None) -> jax.Array:
+        """The attention probabilities (what timm's ``attn.softmax`` outputs), for study.
+
+        Args:
+            x: window tokens ``[B * nW, N, C]``.
+            mask: additive mask ``[nW, N, N]`` for shifted windows, or None.
+
+        Returns:
+            ``[B * nW, num_heads, N, N]`` float32; each row sums to 1. Dropout is not applied.
+        """
+        q, k, _ = self._qkv(x)
+        return self._softmax(q, k, mask)
+
     def __call__(self, x: jax.Array, mask: np.ndarray | None = None) -> jax.Array:
         """
         Args:
@@ -287,17 +316,8 @@ class WindowAttention(nnx.Module):
             ``[B * nW, N, C]``.
         """
         b_, n, _ = x.shape
-        qkv = self.qkv(x).reshape(b_, n, 3, self.num_heads, -1).transpose(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        q = q * jnp.asarray(self.scale, q.dtype)
-        attn = jnp.einsum("bhqd,bhkd->bhqk", q, k)
-        attn = attn + self.relative_position_bias().astype(attn.dtype)[None]
-        if mask is not None:
-            num_win = mask.shape[0]
-            attn = attn.reshape(-1, num_win, self.num_heads, n, n) + jnp.asarray(mask, attn.dtype)[None, :, None]
-            attn = attn.reshape(-1, self.num_heads, n, n)
-        attn = jax.nn.softmax(attn.astype(jnp.float32), axis=-1).astype(v.dtype)
-        attn = self.attn_drop(attn)
+        q, k, v = self._qkv(x)
+        attn = self.attn_drop(self._softmax(q, k, mask).astype(v.dtype))
         x = jnp.einsum("bhqk,bhkd->bqhd", attn, v).reshape(b_, n, -1)
         return self.proj_drop(self.proj(x))
 
@@ -365,22 +385,49 @@ class SwinTransformerBlock(nnx.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop, **kw)
         self.drop_path2 = _dropout(drop_path, rngs, broadcast_dims=(1, 2, 3))
 
-    def _attn(self, x: jax.Array) -> jax.Array:
+    def _partition(self, x: jax.Array) -> tuple[jax.Array, np.ndarray | None, int, int]:
+        """Cyclic shift, pad to whole windows, partition: ``[B, H, W, C]`` -> windows ``[B * nW, N, C]``,
+        the shift mask ``[nW, N, N]`` (or None) and the padded size."""
         _, h, w, c = x.shape
         (wh, ww), (sh, sw) = self.window_size, self.shift_size
-        has_shift = sh > 0 or sw > 0
-        if has_shift:
+        if sh > 0 or sw > 0:
             x = jnp.roll(x, shift=(-sh, -sw), axis=(1, 2))
         pad_h, pad_w = (wh - h % wh) % wh, (ww - w % ww) % ww
         if pad_h or pad_w:
             x = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
         hp, wp = h + pad_h, w + pad_w
         windows = window_partition(x, self.window_size).reshape(-1, wh * ww, c)
-        windows = self.attn(windows, mask=shift_attn_mask(hp, wp, self.window_size, self.shift_size))
+        return windows, shift_attn_mask(hp, wp, self.window_size, self.shift_size), hp, wp
+
+    def _attn(self, x: jax.Array) -> jax.Array:
+        _, h, w, c = x.shape
+        (wh, ww), (sh, sw) = self.window_size, self.shift_size
+        windows, mask, hp, wp = self._partition(x)
+        windows = self.attn(windows, mask=mask)
         x = window_reverse(windows.reshape(-1, wh, ww, c), self.window_size, hp, wp)[:, :h, :w, :]
-        if has_shift:
+        if sh > 0 or sw > 0:
             x = jnp.roll(x, shift=(sh, sw), axis=(1, 2))
         return x
+
+    def attention_weights(self, x: jax.Array) -> jax.Array:
+        """The attention probabilities of this block for its input ``x``, for study.
+
+        Windows are taken as the block takes them: after the cyclic shift by ``-shift_size`` and
+        bottom/right padding to whole windows, in row-major order over the window grid, tokens
+        row-major inside a window. The shift mask (``shift_attn_mask``) is already applied, so masked
+        pairs have (near) zero weight.
+
+        Args:
+            x: the block's input ``[B, H, W, C]`` (before ``norm1``).
+
+        Returns:
+            ``[B, nW_h, nW_w, num_heads, N, N]`` float32 with ``N = window_h * window_w``.
+        """
+        b, h, w, _ = x.shape
+        (wh, ww) = self.window_size
+        windows, mask, hp, wp = self._partition(self.norm1(x))
+        attn = self.attn.attention_weights(windows, mask=mask)
+        return attn.reshape(b, hp // wh, wp // ww, *attn.shape[1:])
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``[B, H, W, C]`` -> ``[B, H, W, C]``."""

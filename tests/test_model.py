@@ -290,6 +290,35 @@ def test_round_trip_to_timm(arch, kwargs):
 # ----------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("variant", ["default", "padded_clipped_window"])
+def test_attention_weights_are_timms_softmax(variant):
+    """``block.attention_weights`` equals what timm's ``attn.softmax`` outputs, in every block: windows
+    (shifted, padded, clipped) in the same order, the shift mask applied."""
+    kw = {**SMALL, **({"img_size": (96, 160)} if variant == "padded_clipped_window" else {})}
+    tm = timm_model(TINY, **kw)
+    model = jax_from_timm(tm, TINY, **kw)
+    inputs, probs, hooks = {}, {}, []
+    for i, stage in enumerate(tm.layers):
+        for j, block in enumerate(stage.blocks):
+            block.attn.fused_attn = False  # timm's explicit softmax path (same math as the fused one)
+            hooks.append(block.register_forward_pre_hook(lambda m, a, key=(i, j): inputs.__setitem__(key, a[0])))
+            hooks.append(
+                block.attn.softmax.register_forward_hook(lambda m, a, o, key=(i, j): probs.__setitem__(key, o))
+            )
+    x = images((2, *model.img_size, 3), seed=3)
+    with torch.no_grad():
+        tm(to_nchw(x))
+    for h in hooks:
+        h.remove()
+    assert len(probs) == sum(len(stage.blocks) for stage in model.layers)
+    for (i, j), ref in probs.items():
+        block = model.layers[i].blocks[j]
+        ours = block.attention_weights(jnp.asarray(inputs[(i, j)].numpy()))
+        assert ours.shape[:3] == (2, *(-(-s // w) for s, w in zip(block.input_resolution, block.window_size)))
+        np.testing.assert_allclose(np.asarray(ours.sum(-1)), 1.0, rtol=1e-5)
+        assert_close(ours.reshape(ref.shape), ref.numpy(), what=f"stage {i} block {j} attention")
+
+
 def test_jit_equals_eager(small_pair):
     _, model, x = small_pair
     jitted = np.asarray(jax.jit(lambda m, x: m(x))(model, x))
