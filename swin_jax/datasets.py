@@ -380,6 +380,12 @@ class TrainTransform:
             raise ValueError(f"Bad scale {self.scale} or ratio {self.ratio}: need 0 < lo <= hi.")
         if self.rand_augment is not None and not (0 <= self.rand_augment[1] <= 10):
             raise ValueError(f"RandAugment magnitude must be in [0, 10], got {self.rand_augment[1]}.")
+        if self.rand_augment is not None and self.rand_augment[0] < 0:
+            raise ValueError(f"RandAugment needs a number of ops >= 0, got {self.rand_augment[0]}.")
+        if not 0 <= self.hflip <= 1:
+            raise ValueError(f"hflip is a probability in [0, 1], got {self.hflip}.")
+        if self.color_jitter is not None and self.color_jitter < 0:
+            raise ValueError(f"color_jitter must be >= 0 (or None), got {self.color_jitter}.")
         # Reuse data.py's ToTensor + Normalize: a squash/crop_pct=1 eval transform does no resize or crop
         # on an image that already has size img_size.
         to_array = create_transform(

@@ -244,6 +244,10 @@ def finetune(
     weight_decay: float = 0.05,
     warmup_epochs: int = 0,
     label_smoothing: float = 0.1,
+    scale: tuple[float, float] = (0.08, 1.0),
+    hflip: float = 0.5,
+    color_jitter: float | None = 0.4,
+    rand_augment: tuple[int, float] | None = None,
     drop_path_rate: float = 0.1,
     clip_grad_norm: float | None = None,
     ema_decay: float | None = None,
@@ -270,6 +274,10 @@ def finetune(
         epochs, batch_size, lr: training length, batch size (full batches only) and peak learning rate.
         layer_decay, weight_decay, warmup_epochs, clip_grad_norm: see :func:`swin_jax.train.create_optimizer`.
         label_smoothing: label smoothing of the training loss.
+        scale, hflip, color_jitter, rand_augment: the training augmentation
+            (:func:`swin_jax.datasets.create_train_transform`; the defaults are timm's ImageNet recipe:
+            random resized crops of 8-100% of the area, horizontal flips, colour jitter 0.4). Small or
+            non-photographic images (digits, text, medical scans) usually want milder crops and no flip.
         drop_path_rate: stochastic depth rate.
         ema_decay: keep an EMA of the weights (evaluated too, as ``ema_*`` metrics) if set.
         seed: model init, drop path, shuffling and augmentation seed.
@@ -304,6 +312,18 @@ def finetune(
         raise FinetuneError(
             f"warmup_epochs={warmup_epochs} must be smaller than epochs={epochs} (total steps {total_steps})"
         )
+    augment = {
+        "scale": [float(v) for v in scale],
+        "hflip": float(hflip),
+        "color_jitter": None if color_jitter is None else float(color_jitter),
+        "rand_augment": None if rand_augment is None else [int(rand_augment[0]), float(rand_augment[1])],
+    }
+    from .datasets import create_train_transform
+
+    try:  # the same checks the real transform makes, before anything is built or written
+        create_train_transform(1, **augment)
+    except (ValueError, TypeError, IndexError) as e:
+        raise FinetuneError(f"bad augmentation setting: {e}") from None
     run_config = {
         "model": model,
         "num_classes": num_classes,
@@ -312,6 +332,7 @@ def finetune(
         "seed": seed,
         "steps_per_epoch": steps_per_epoch,
         "ema": ema_decay is not None,
+        "augment": augment,
     }
     import jax
 
@@ -331,7 +352,7 @@ def finetune(
     from flax import nnx
 
     from .data import create_transform, resolve_data_config
-    from .datasets import create_train_transform, make_eval_loader, make_loader
+    from .datasets import make_eval_loader, make_loader
     from .distributed import make_mesh, shard_batch, shard_model
     from .factory import create_model
     from .hub import save_pretrained
@@ -360,7 +381,7 @@ def finetune(
     cfg = resolve_data_config(net)
     train_loader = make_loader(
         train_ds,
-        transform=create_train_transform(**cfg),
+        transform=create_train_transform(**cfg, **augment),
         batch_size=batch_size,
         shuffle=True,
         seed=seed,
@@ -566,6 +587,25 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-decay", type=_non_negative_float, default=0.05, metavar="X")
     parser.add_argument("--warmup-epochs", type=int, default=0, metavar="N")
     parser.add_argument("--label-smoothing", type=_non_negative_float, default=0.1, metavar="X")
+    parser.add_argument(
+        "--scale",
+        type=_non_negative_float,
+        nargs=2,
+        default=(0.08, 1.0),
+        metavar=("LO", "HI"),
+        help="random resized crop area range (default: 0.08 1)",
+    )
+    parser.add_argument("--hflip", type=_non_negative_float, default=0.5, metavar="P", help="flip probability")
+    parser.add_argument(
+        "--color-jitter", type=_non_negative_float, default=0.4, metavar="X", help="0 turns it off (default: 0.4)"
+    )
+    parser.add_argument(
+        "--rand-augment",
+        type=_non_negative_float,
+        nargs=2,
+        metavar=("OPS", "MAG"),
+        help="RandAugment-lite with OPS ops at magnitude MAG in [0, 10] instead of colour jitter, e.g. 2 9",
+    )
     parser.add_argument("--drop-path", type=_non_negative_float, default=0.1, metavar="X", help="stochastic depth")
     parser.add_argument("--ema-decay", type=_non_negative_float, metavar="X", help="keep an EMA of the weights")
     parser.add_argument("--seed", type=int, default=0)
@@ -613,6 +653,10 @@ def run_cli(args: argparse.Namespace) -> int:
             weight_decay=args.weight_decay,
             warmup_epochs=args.warmup_epochs,
             label_smoothing=args.label_smoothing,
+            scale=tuple(args.scale),
+            hflip=args.hflip,
+            color_jitter=args.color_jitter or None,
+            rand_augment=None if args.rand_augment is None else (int(args.rand_augment[0]), args.rand_augment[1]),
             drop_path_rate=args.drop_path,
             ema_decay=args.ema_decay,
             seed=args.seed,

@@ -80,6 +80,26 @@ def test_resume_gives_the_same_step_losses(data, full_run, tmp_path):
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [1, 2, 4]
 
 
+def test_augmentation_is_applied_recorded_and_checked(data, full_run, tmp_path):
+    """Milder augmentation changes what is trained on (run A used the defaults, same seed), is part of the
+    settings a resume must match, and bad values fail before anything is written."""
+    mild = dict(scale=(0.5, 1.0), hflip=0.0, color_jitter=None)
+    stopped = finetune(train_dir=data[0], val_dir=data[1], output=tmp_path / "mild", max_steps=1, **mild, **COMMON)
+    assert stopped["status"] == "stopped"
+    assert _step_losses(tmp_path / "mild")[1] != pytest.approx(_step_losses(full_run[0])[1], abs=1e-6)
+    with pytest.raises(FinetuneError, match="settings differ.*augment"):
+        finetune(train_dir=data[0], val_dir=data[1], output=tmp_path / "mild", resume=True, **COMMON)
+    for bad, message in [
+        (dict(hflip=1.5), "hflip is a probability in \\[0, 1\\], got 1.5"),
+        (dict(scale=(0.9, 0.2)), "Bad scale"),
+        (dict(color_jitter=-0.1), "color_jitter must be >= 0"),
+        (dict(rand_augment=(2, 11)), "RandAugment magnitude must be in \\[0, 10\\]"),
+    ]:
+        with pytest.raises(FinetuneError, match="bad augmentation setting: " + message):
+            finetune(train_dir=data[0], val_dir=data[1], output=tmp_path / "bad", **bad, **COMMON)
+        assert not (tmp_path / "bad").exists()
+
+
 def test_metrics_and_final_weights(data, full_run):
     import jax.numpy as jnp
 
@@ -203,6 +223,15 @@ def test_cli_bad_data_exit_2(tmp_path):
     assert "finetune: error: training data: 1 of 5 image files are unreadable" in res.stderr
     assert "broken.jpg" in res.stderr and "Traceback" not in res.stderr
     assert not out.exists() and time.monotonic() - t0 < 30
+
+
+def test_cli_augmentation_flags_reach_finetune(data, tmp_path):
+    out = tmp_path / "out"
+    flags = ["--scale", "0.5", "1", "--hflip", "0", "--color-jitter", "0", "--rand-augment", "2", "11"]
+    res = subprocess.run(_cli(data, out, *flags), cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2
+    assert "finetune: error: bad augmentation setting: RandAugment magnitude must be in [0, 10], got 11.0" in res.stderr
+    assert "Traceback" not in res.stderr and not out.exists()
 
 
 def test_data_parallel_on_4_devices_with_resume_matches_one_device(data, full_run, tmp_path):
