@@ -409,8 +409,14 @@ def checkpoint_config(model: nnx.Module, fmt: str) -> dict[str, Any]:
     if arch is None:
         raise ValueError("the model has no pretrained_cfg['architecture']: create it with swin_jax.create_model")
     pretrained_cfg["num_classes"] = model.num_classes
-    for key in ("hf_hub_id", "url"):
+    for key in ("hf_hub_id", "url", "file"):  # where the weights came from; the saved files are new weights
         pretrained_cfg.pop(key, None)
+    input_size = (model.in_chans, *model.img_size)
+    if tuple(pretrained_cfg.get("input_size") or ()) != input_size:
+        # trained or adapted at another resolution / channel count: the data config must describe this model
+        pretrained_cfg["input_size"] = input_size
+        for key in ("test_input_size", "test_crop_pct"):
+            pretrained_cfg.pop(key, None)
     config = {
         "architecture": arch,
         "num_classes": model.num_classes,

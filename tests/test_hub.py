@@ -454,6 +454,25 @@ def test_in_chans_is_honoured_from_a_saved_checkpoint(t1k, tmp_path, inputs):
     np.testing.assert_array_equal(np.asarray(reloaded(x)), np.asarray(gray(x)))
 
 
+def test_saved_config_describes_the_saved_model(t1k, tmp_path):
+    """A model loaded from a file and rebuilt at another size is saved with its own input size, and without
+    the source's file path; timm reading the export resolves the same data config as swin_jax."""
+    _, hub_dir = t1k
+    model = swin_jax.create_model(TINY, pretrained=hub_dir, img_size=112)
+    assert model.pretrained_cfg["file"]
+    for fmt in ("flax", "timm"):
+        saved = save_pretrained(model, tmp_path / fmt, fmt=fmt)
+        cfg = json.loads((saved / "config.json").read_text())["pretrained_cfg"]
+        assert cfg["input_size"] == [3, 112, 112] and "file" not in cfg and cfg["tag"] == "ms_in1k"
+    tm = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True)
+    assert timm.data.resolve_data_config(model=tm)["input_size"] == (3, 112, 112)
+    assert swin_jax.resolve_data_config(swin_jax.create_model(TINY, pretrained=tmp_path / "flax"))["input_size"] == (
+        3,
+        112,
+        112,
+    )
+
+
 def test_saved_checkpoint_has_ordinary_permissions(flax_dir):
     import os
 
