@@ -6,8 +6,8 @@ call runs at that batch size (smaller batches are padded, larger ones chunked), 
 ragged batches compiles exactly once.
 
 Compute dtype is the model's: create it with ``dtype=jnp.bfloat16`` (and ``param_dtype=jnp.bfloat16``
-to also store bf16 weights) for bf16 inference; LayerNorm statistics and the attention softmax stay in
-float32.
+to also store bf16 weights) for bf16 inference; LayerNorm (statistics, scale and shift) and the attention
+softmax run in float32.
 """
 
 from __future__ import annotations

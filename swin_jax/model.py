@@ -184,9 +184,21 @@ def feature_take_indices(num_features: int, indices: int | Sequence[int] | None 
 _trunc_normal_02 = nnx.initializers.truncated_normal(stddev=0.02)
 
 
-def _layer_norm(dim: int, *, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    # two-pass variance as torch.nn.LayerNorm computes it; statistics in fp32 whatever the compute dtype
-    return nnx.LayerNorm(dim, epsilon=LN_EPS, use_fast_variance=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+class LayerNorm(nnx.LayerNorm):
+    """``nnx.LayerNorm`` as torch autocast runs LayerNorm: statistics, normalization and the scale and shift
+    in float32 (parameters not rounded to a low-precision compute dtype first), output in the compute dtype.
+    Two-pass variance and eps 1e-5, as ``torch.nn.LayerNorm``. Parameters: ``scale``, ``bias``."""
+
+    def __init__(self, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        internal = jnp.float32 if dtype is None else jnp.promote_types(dtype, jnp.float32)
+        super().__init__(
+            dim, epsilon=LN_EPS, use_fast_variance=False, dtype=internal, param_dtype=param_dtype, rngs=rngs
+        )
+        self.out_dtype = dtype
+
+    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+        y = super().__call__(x, mask=mask)
+        return y if self.out_dtype is None else y.astype(self.out_dtype)
 
 
 def _linear(din: int, dout: int, *, use_bias: bool = True, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Linear:
@@ -221,7 +233,7 @@ class PatchEmbed(nnx.Module):
             param_dtype=param_dtype,
             rngs=rngs,
         )
-        self.norm = _layer_norm(embed_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.norm = LayerNorm(embed_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.norm(self.proj(x))
@@ -378,10 +390,10 @@ class SwinTransformerBlock(nnx.Module):
             self.input_resolution, to_2tuple(window_size), to_2tuple(shift_size), always_partition
         )
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.norm1 = _layer_norm(dim, **kw)
+        self.norm1 = LayerNorm(dim, **kw)
         self.attn = WindowAttention(dim, num_heads, head_dim, self.window_size, qkv_bias, attn_drop, proj_drop, **kw)
         self.drop_path1 = _dropout(drop_path, rngs, broadcast_dims=(1, 2, 3))
-        self.norm2 = _layer_norm(dim, **kw)
+        self.norm2 = LayerNorm(dim, **kw)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop, **kw)
         self.drop_path2 = _dropout(drop_path, rngs, broadcast_dims=(1, 2, 3))
 
@@ -440,7 +452,7 @@ class PatchMerging(nnx.Module):
 
     def __init__(self, dim: int, out_dim: int | None = None, *, dtype=None, param_dtype=jnp.float32, rngs):
         self.out_dim = out_dim or 2 * dim
-        self.norm = _layer_norm(4 * dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.norm = LayerNorm(4 * dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.reduction = _linear(4 * dim, self.out_dim, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -721,7 +733,7 @@ class SwinTransformer(nnx.Module):
             self.norm = None
             self.head = None
         else:
-            self.norm = _layer_norm(self.num_features, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            self.norm = LayerNorm(self.num_features, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
             self.head = ClassifierHead(self.num_features, num_classes, global_pool, drop_rate, **kw)
         self.head_hidden_size = self.head.num_features if self.head is not None else self.num_features
 

@@ -383,6 +383,24 @@ def test_bfloat16_compute(small_pair):
     assert [m.dtype for m in maps] == [jnp.bfloat16] * 4
 
 
+def test_bfloat16_layernorm_is_fp32_inside(small_pair):
+    """With bf16 compute, LayerNorm applies its fp32 scale and shift before rounding to bf16 (as torch autocast
+    runs LayerNorm), instead of rounding them to bf16 first (nnx.LayerNorm's rule)."""
+    tm, _, _ = small_pair
+    model = swin_jax.create_model(TINY, dtype=jnp.bfloat16, **SMALL)
+    swin_jax.load_timm_state_dict(model, tm.state_dict())
+    norm, ref = model.layers[1].blocks[0].norm1, tm.layers[1].blocks[0].norm1
+    x = jnp.asarray(images((4, 7, 7, norm.num_features), seed=5), jnp.bfloat16)
+    out = norm(x)
+    assert out.dtype == jnp.bfloat16
+    with torch.no_grad():
+        want = ref(torch.from_numpy(np.asarray(x.astype(jnp.float32)))).to(torch.bfloat16).float().numpy()
+    # fp32 LayerNorm rounded once: equal to timm's fp32 result rounded to bf16, up to one bf16 ulp
+    np.testing.assert_allclose(np.asarray(out.astype(jnp.float32)), want, rtol=2**-7, atol=0)
+    rounded_params = (np.asarray(norm.scale[...]).astype(jnp.bfloat16) != np.asarray(norm.scale[...])).any()
+    assert rounded_params  # the scale is not bf16-representable, so rounding it first would show
+
+
 def test_bfloat16_params(small_pair):
     tm, model32, x = small_pair
     model = swin_jax.create_model(TINY, param_dtype=jnp.bfloat16, **SMALL)
