@@ -2,6 +2,7 @@
 
     python benchmarks/bench.py                       # CPU: batches 1 and 8; GPU: 1, 64, 256
     python benchmarks/bench.py --batches 1 8 --train-batch 8 --out benchmarks/results/cpu.json
+    python benchmarks/bench.py --merge part1.json part2.json --out benchmarks/results/gpu.json
 
 Each variant runs in its own subprocess (same machine, one after the other), so every figure has its
 own peak memory and no variant warms another's caches. Inference variants: swin-jax fp32 and bf16
@@ -10,9 +11,22 @@ GPU timm bf16 autocast (eager and compiled). Training step (forward + backward +
 for swin-jax and timm. On GPU, a bf16 matmul is timed in the same run to give the fraction of the
 measured matmul peak that the model reaches.
 
-Timing: warm-up calls, then the median of ``--repeats`` timed calls, each ended by
-``block_until_ready`` / ``torch.cuda.synchronize``. Compile time: jax's lower+compile, torch.compile's
-first call. Peak memory: device peak on GPU, the worker process' peak RSS on CPU.
+fp32 matmul precision on GPU, as each framework does it by default: jax's "default" precision lets
+XLA use TF32 on the tensor cores; torch computes fp32 matmuls in full fp32 (its cuDNN convolutions
+may use TF32). Like-for-like variants (GPU only, run on request with ``--variants``):
+``jax-fp32-highest`` (``jax_default_matmul_precision='highest'``) against timm's default fp32, and
+``timm-eager-fp32-tf32`` / ``timm-compile-fp32-tf32`` (``torch.set_float32_matmul_precision('high')``)
+against swin-jax's default fp32. Each row records the settings it ran with.
+
+Timing: warm-up calls, then the median of at least ``--repeats`` timed calls (and at least
+``--min-time`` seconds of them), each ended by ``block_until_ready`` / ``torch.cuda.synchronize``.
+Compile time: jax's lower+compile, torch.compile's first call. Peak memory: device peak on GPU, the
+worker process' peak RSS on CPU.
+
+The JSON is rewritten after every row, so a run that is stopped keeps the rows it finished. A long
+GPU run can be split (``--variants``, ``--batches``, ``--train-batch``, ``--out``) and the parts joined
+with ``--merge``, which recomputes the ratios only between rows measured on the same device (same GPU
+UUID, or same host for CPU) and lists the parts in the result.
 Run from the repository root (the project on ``PYTHONPATH``, as ``python benchmarks/bench.py`` does).
 """
 
@@ -20,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -33,9 +48,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 INFER = ["jax-fp32", "jax-bf16", "timm-eager-fp32", "timm-compile-fp32"]
 INFER_GPU = ["timm-eager-bf16", "timm-compile-bf16"]
+# like-for-like fp32 precision (GPU only): run when named in --variants
+INFER_GPU_EXTRA = ["jax-fp32-highest", "timm-eager-fp32-tf32", "timm-compile-fp32-tf32"]
 TRAIN = ["jax-train-fp32", "timm-train-eager-fp32"]
-TRAIN_GPU = ["jax-train-bf16", "timm-train-compile-fp32", "timm-train-eager-bf16"]
+TRAIN_GPU = ["jax-train-bf16", "timm-train-eager-bf16", "timm-train-compile-fp32", "timm-train-compile-bf16"]
 TIMM_FLOPS_PER_IMAGE = {"swin_base_patch4_window7_224": 30.9e9}  # timm's model card (2 x 15.4 GMACs)
+TRAIN_FLOPS_FACTOR = 3.0  # forward + backward ~ 3x the forward's FLOPs (the usual estimate, not counted)
+# swin-jax variant -> ratio key -> timm variant it is compared with (same kind and batch)
+REFS = {
+    "jax-fp32": {
+        "vs_timm_eager": "timm-eager-fp32",
+        "vs_timm_compile": "timm-compile-fp32",
+        "vs_timm_eager_tf32": "timm-eager-fp32-tf32",
+        "vs_timm_compile_tf32": "timm-compile-fp32-tf32",
+    },
+    "jax-fp32-highest": {"vs_timm_eager": "timm-eager-fp32", "vs_timm_compile": "timm-compile-fp32"},
+    "jax-bf16": {"vs_timm_eager": "timm-eager-bf16", "vs_timm_compile": "timm-compile-bf16"},
+    "jax-train-fp32": {"vs_timm_eager": "timm-train-eager-fp32", "vs_timm_compile": "timm-train-compile-fp32"},
+    "jax-train-bf16": {"vs_timm_eager": "timm-train-eager-bf16", "vs_timm_compile": "timm-train-compile-bf16"},
+}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -43,11 +74,12 @@ TIMM_FLOPS_PER_IMAGE = {"swin_base_patch4_window7_224": 30.9e9}  # timm's model 
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _time_calls(fn, sync, warmup: int, repeats: int) -> list[float]:
+def _time_calls(fn, sync, warmup: int, repeats: int, min_time: float = 0.0, max_calls: int = 200) -> list[float]:
+    """Warm up, then time calls: at least ``repeats`` of them and at least ``min_time`` seconds in all."""
     for _ in range(warmup):
         sync(fn())
-    times = []
-    for _ in range(repeats):
+    times: list[float] = []
+    while len(times) < repeats or (sum(times) < min_time and len(times) < max_calls):
         t = time.perf_counter()
         sync(fn())
         times.append(time.perf_counter() - t)
@@ -58,8 +90,11 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _jax_worker(variant: str, model_name: str, batch: int, warmup: int, repeats: int) -> dict:
+def _jax_worker(variant: str, model_name: str, batch: int, warmup: int, repeats: int, min_time: float) -> dict:
     import jax
+
+    if variant.endswith("-highest"):
+        jax.config.update("jax_default_matmul_precision", "highest")
     import jax.numpy as jnp
     import numpy as np
     import optax
@@ -76,7 +111,7 @@ def _jax_worker(variant: str, model_name: str, batch: int, warmup: int, repeats:
     size = model.img_size
     x = jnp.asarray(np.random.default_rng(0).standard_normal((batch, *size, 3)), jnp.float32)
     gpu = jax.default_backend() == "gpu"
-    out = {}
+    out = {"settings": {"jax_default_matmul_precision": jax.config.jax_default_matmul_precision or "default"}}
     if not train:
         forward = swin_jax.compile_forward(model)
         t = time.perf_counter()
@@ -85,7 +120,7 @@ def _jax_worker(variant: str, model_name: str, batch: int, warmup: int, repeats:
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
         out["xla_gflop_per_image"] = float(cost.get("flops", 0.0)) / batch / 1e9 if cost else None
-        times = _time_calls(lambda: compiled(forward.state, x), jax.block_until_ready, warmup, repeats)
+        times = _time_calls(lambda: compiled(forward.state, x), jax.block_until_ready, warmup, repeats, min_time)
     else:
         y = jnp.asarray(np.arange(batch) % model.num_classes)
         model.train()
@@ -104,7 +139,7 @@ def _jax_worker(variant: str, model_name: str, batch: int, warmup: int, repeats:
         t = time.perf_counter()
         jax.block_until_ready(step(model, optimizer, x, y))
         out["compile_s"] = time.perf_counter() - t  # first step: trace + compile + one step
-        times = _time_calls(lambda: step(model, optimizer, x, y), jax.block_until_ready, warmup, repeats)
+        times = _time_calls(lambda: step(model, optimizer, x, y), jax.block_until_ready, warmup, repeats, min_time)
     if gpu:
         stats = jax.devices()[0].memory_stats() or {}
         out["peak_mem_mb"] = stats.get("peak_bytes_in_use", 0) / 2**20
@@ -114,12 +149,14 @@ def _jax_worker(variant: str, model_name: str, batch: int, warmup: int, repeats:
     return out
 
 
-def _timm_worker(variant: str, model_name: str, batch: int, warmup: int, repeats: int) -> dict:
+def _timm_worker(variant: str, model_name: str, batch: int, warmup: int, repeats: int, min_time: float) -> dict:
     import timm
     import torch
 
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
+    if variant.endswith("-tf32"):
+        torch.set_float32_matmul_precision("high")  # TF32 tensor cores for fp32 matmuls
     bf16 = variant.endswith("bf16")
     train = "train" in variant
     model = timm.create_model(model_name, pretrained=False, drop_path_rate=0.0).to(device)
@@ -127,7 +164,14 @@ def _timm_worker(variant: str, model_name: str, batch: int, warmup: int, repeats
     x = torch.randn(batch, 3, *size, device=device)
     sync = (lambda _: torch.cuda.synchronize()) if gpu else (lambda _: None)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-    out = {}
+    out = {
+        "settings": {
+            "float32_matmul_precision": torch.get_float32_matmul_precision(),
+            "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
+            "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+            "autocast_bf16": bf16,
+        }
+    }
     if not train:
         model.eval()
         fn = torch.compile(model) if "compile" in variant else model
@@ -139,7 +183,7 @@ def _timm_worker(variant: str, model_name: str, batch: int, warmup: int, repeats
         model.train()
         y = torch.arange(batch, device=device) % model.num_classes
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
-        fwd = torch.compile(model) if "compile" in variant else model
+        fwd = torch.compile(model) if "compile" in variant else model  # forward + backward compiled, AdamW eager
 
         def call():
             with autocast:
@@ -154,30 +198,89 @@ def _timm_worker(variant: str, model_name: str, batch: int, warmup: int, repeats
     t = time.perf_counter()
     sync(call())
     out["compile_s"] = time.perf_counter() - t  # first call (torch.compile compiles here)
-    out["times"] = _time_calls(call, sync, warmup, repeats)
+    out["times"] = _time_calls(call, sync, warmup, repeats, min_time)
     out["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20 if gpu else _peak_rss_mb()
     return out
 
 
 def _matmul_peak_worker(repeats: int) -> dict:
-    """Measured bf16 matmul throughput of the device (jax), TFLOP/s."""
+    """Measured bf16 matmul throughput of the device (jax, random operands), TFLOP/s."""
     import jax
     import jax.numpy as jnp
 
     n = 8192
-    a = jnp.ones((n, n), jnp.bfloat16)
+    ka, kb = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(ka, (n, n), jnp.bfloat16)
+    b = jax.random.normal(kb, (n, n), jnp.bfloat16)
     f = jax.jit(lambda a, b: a @ b)
-    times = _time_calls(lambda: f(a, a), jax.block_until_ready, 3, repeats)
-    return {"tflops": 2 * n**3 / statistics.median(times) / 1e12, "times": times}
+    times = _time_calls(lambda: f(a, b), jax.block_until_ready, 3, max(repeats, 20))
+    return {"tflops": 2 * n**3 / statistics.median(times) / 1e12, "shape": [n, n, n], "times": times}
+
+
+def _info_worker() -> dict:
+    """Device and versions, read in a subprocess so the orchestrator never holds the GPU."""
+    import flax
+    import jax
+    import timm
+    import torch
+
+    dev = jax.devices()[0]
+    device = {"backend": jax.default_backend(), "jax_device": dev.device_kind, "cpu_count": os.cpu_count()}
+    try:
+        device["cpu_model"] = next(
+            line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        device["cpu_model"] = platform.processor()
+    device["host"] = platform.node()
+    versions = {
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
+        "flax": flax.__version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+    }
+    if device["backend"] == "gpu":
+        try:
+            device["jax_platform_version"] = dev.client.platform_version
+        except Exception:  # noqa: BLE001
+            pass
+        try:
+            query = "name,uuid,driver_version,memory.total,clocks.max.sm,power.limit"
+            line = subprocess.run(
+                ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            ).stdout.splitlines()[0]
+            device.update(
+                zip(
+                    ["gpu_name", "gpu_uuid", "driver", "gpu_memory", "max_sm_clock", "power_limit"],
+                    [s.strip() for s in line.split(",")],
+                )
+            )
+        except Exception as e:  # noqa: BLE001
+            device["nvidia_smi_error"] = repr(e)
+        versions["torch_cuda"] = torch.version.cuda
+        versions["torch_cudnn"] = torch.backends.cudnn.version()
+    # which swin_jax sources were measured (the tree may change between the parts of a split run)
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "swin_jax").glob("*.py")):
+        digest.update(path.name.encode() + path.read_bytes())
+    versions["swin_jax_sources_sha256"] = digest.hexdigest()[:16]
+    return {"device": device, "versions": versions}
 
 
 def _worker(args: argparse.Namespace) -> None:
-    if args.worker == "matmul-peak":
+    if args.worker == "info":
+        result = _info_worker()
+    elif args.worker == "matmul-peak":
         result = _matmul_peak_worker(args.repeats)
     elif args.worker.startswith("jax"):
-        result = _jax_worker(args.worker, args.model, args.batch, args.warmup, args.repeats)
+        result = _jax_worker(args.worker, args.model, args.batch, args.warmup, args.repeats, args.min_time)
     else:
-        result = _timm_worker(args.worker, args.model, args.batch, args.warmup, args.repeats)
+        result = _timm_worker(args.worker, args.model, args.batch, args.warmup, args.repeats, args.min_time)
     print("RESULT " + json.dumps(result))
 
 
@@ -186,14 +289,14 @@ def _worker(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _run_worker(variant: str, model: str, batch: int, warmup: int, repeats: int, timeout: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", variant, "--model", model, "--batch", str(batch)]
-    cmd += ["--warmup", str(warmup), "--repeats", str(repeats)]
+def _run_worker(variant: str, args: argparse.Namespace, batch: int = 1) -> dict:
+    cmd = [sys.executable, __file__, "--worker", variant, "--model", args.model, "--batch", str(batch)]
+    cmd += ["--warmup", str(args.warmup), "--repeats", str(args.repeats), "--min-time", str(args.min_time or 0.0)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT)
     except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout} s"}
+        return {"error": f"timed out after {args.timeout} s"}
     for line in proc.stdout.splitlines()[::-1]:
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT ") :])
@@ -201,47 +304,122 @@ def _run_worker(variant: str, model: str, batch: int, warmup: int, repeats: int,
     return {"error": " | ".join(tail) or f"exit code {proc.returncode}"}
 
 
-def _versions() -> dict:
-    import flax
-    import jax
-    import timm
-    import torch
-
-    return {
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
-        "flax": flax.__version__,
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-    }
+def _device_key(device: dict) -> str:
+    """What makes two parts' rows comparable: the same GPU (UUID), or the same CPU host."""
+    return device.get("gpu_uuid") or f"{device.get('backend')}:{device.get('host')}:{device.get('cpu_model')}"
 
 
-def _device() -> dict:
-    import jax
+def _finish_rows(rows: list[dict], parts: list[dict], flops: float | None) -> None:
+    """(Re)compute img/s-derived figures: fraction of the matmul peak and the ratios against timm.
 
-    dev = jax.devices()[0]
-    info = {"backend": jax.default_backend(), "jax_device": dev.device_kind, "cpu_count": os.cpu_count()}
-    try:
-        info["cpu_model"] = next(
-            line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")
+    Ratios only between rows of the same device (``_device_key`` of their part)."""
+    peaks: dict[str, list[float]] = {}
+    for part in parts:
+        peak = part.get("matmul_peak_bf16") or {}
+        if "tflops" in peak:
+            peaks.setdefault(_device_key(part["device"]), []).append(peak["tflops"])
+    for row in rows:
+        part = parts[row.get("part", 0)]
+        key = _device_key(part["device"])
+        peak = (part.get("matmul_peak_bf16") or {}).get("tflops") or (
+            statistics.median(peaks[key]) if key in peaks else None
         )
-    except (OSError, StopIteration):
-        info["cpu_model"] = platform.processor()
-    return info
+        for k in [k for k in row if k.startswith("vs_timm")] + ["fraction_of_matmul_peak"]:
+            row.pop(k, None)
+        if "img_s" not in row:
+            continue
+        if part["device"].get("backend") == "gpu" and peak and flops:
+            factor = TRAIN_FLOPS_FACTOR if row["kind"] == "train" else 1.0
+            row["fraction_of_matmul_peak"] = row["img_s"] * flops * factor / 1e12 / peak
+        gpu = part["device"].get("backend") == "gpu"
+        for ratio, want in REFS.get(row["variant"], {}).items():
+            if not gpu:
+                want = want.replace("bf16", "fp32")  # on CPU timm runs fp32 only
+            match = [
+                r
+                for r in rows
+                if r["variant"] == want
+                and r["kind"] == row["kind"]
+                and r["batch"] == row["batch"]
+                and "img_s" in r
+                and _device_key(parts[r.get("part", 0)]["device"]) == key
+            ]
+            if match:
+                row[ratio] = row["img_s"] / match[-1]["img_s"]
 
 
 def _table(rows: list[dict]) -> str:
-    head = "| kind | variant | batch | img/s | vs timm eager | vs timm compile | compile s | peak MB | note |"
-    lines = [head, "|" + "---|" * 9]
+    head = "| kind | variant | batch | img/s | vs timm eager | vs timm compile | % bf16 mm peak | compile s | peak MB "
+    head += "| note |"
+    lines = [head, "|" + "---|" * 10]
     for r in rows:
         fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+        note = r.get("note", "")
+        if "vs_timm_eager_tf32" in r or "vs_timm_compile_tf32" in r:
+            note += (
+                f"vs timm tf32: eager {fmt(r.get('vs_timm_eager_tf32'), '.2f')}, "
+                f"compile {fmt(r.get('vs_timm_compile_tf32'), '.2f')}"
+            )
+        frac = r.get("fraction_of_matmul_peak")
         lines.append(
             f"| {r['kind']} | {r['variant']} | {r['batch']} | {fmt(r.get('img_s'), '.2f')} | "
             f"{fmt(r.get('vs_timm_eager'), '.2f')} | {fmt(r.get('vs_timm_compile'), '.2f')} | "
-            f"{fmt(r.get('compile_s'), '.1f')} | {fmt(r.get('peak_mem_mb'), '.0f')} | {r.get('note', '')} |"
+            f"{fmt(None if frac is None else 100 * frac, '.1f')} | "
+            f"{fmt(r.get('compile_s'), '.1f')} | {fmt(r.get('peak_mem_mb'), '.0f')} | {note} |"
         )
     return "\n".join(lines)
+
+
+def _write(result: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(out)
+
+
+def _merge(files: list[Path], out: Path | None, command: str) -> int:
+    """Join part files of a split run into one result; later parts win for the same (kind, variant, batch)."""
+    parts, rows, seen = [], [], {}
+    for path in files:
+        res = json.loads(Path(path).read_text())
+        sub = res.get("parts") or [
+            {k: res.get(k) for k in ("date", "command", "device", "versions", "matmul_peak_bf16")}
+        ]
+        base = len(parts)
+        for p in sub:
+            parts.append({"file": Path(path).name, **p})
+        for row in res["rows"]:
+            row = {**row, "part": base + row.get("part", 0)}
+            ident = (row["kind"], row["variant"], row["batch"])
+            if ident in seen:
+                rows[seen[ident]] = None  # superseded by this later part
+            seen[ident] = len(rows)
+            rows.append(row)
+        model, flops = res["model"], res.get("flops_per_image")
+    rows = [r for r in rows if r is not None]
+    _finish_rows(rows, parts, flops)
+    keys = {_device_key(p["device"]) for p in parts}
+    result = {
+        "date": min(p["date"] for p in parts),
+        "command": command,
+        "model": model,
+        "merged_from": [str(f) for f in files],
+        "same_device": len(keys) == 1,
+        "note": (
+            "rows from several runs (parts); ratios only between rows measured on the same device"
+            + ("" if len(keys) == 1 else " - the parts ran on DIFFERENT devices")
+        ),
+        "device": parts[0]["device"],
+        "versions": parts[0]["versions"],
+        "parts": parts,
+        "flops_per_image": flops,
+        "rows": rows,
+    }
+    print(_table(rows))
+    if out:
+        _write(result, out)
+        print(f"\nwrote {out}", file=sys.stderr)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -249,76 +427,72 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="swin_base_patch4_window7_224")
     p.add_argument("--batches", type=int, nargs="+", help="inference batch sizes (CPU: 1 8, GPU: 1 64 256)")
     p.add_argument("--train-batch", type=int, help="training step batch size (CPU: 8, GPU: 64); 0 skips it")
-    p.add_argument("--variants", nargs="+", help="run only these variants")
+    p.add_argument("--variants", nargs="+", help="run only these variants (also enables the GPU extras)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5, help="timed calls, at least")
+    p.add_argument("--min-time", type=float, help="seconds of timed calls, at least (CPU: 0, GPU: 2)")
     p.add_argument("--timeout", type=int, default=900, help="seconds per variant")
+    p.add_argument("--no-peak", action="store_true", help="skip the bf16 matmul peak (GPU)")
     p.add_argument("--out", type=Path, help="JSON file (default benchmarks/results/<backend>.json)")
+    p.add_argument("--merge", type=Path, nargs="+", metavar="PART", help="join part files into --out")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    command = "python benchmarks/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.merge:
+        return _merge(args.merge, args.out, command)
     if args.worker:
+        args.min_time = args.min_time or 0.0
         _worker(args)
         return 0
 
-    device = _device()
+    info = _run_worker("info", args)
+    if "error" in info:
+        print(f"device info failed: {info['error']}", file=sys.stderr)
+        return 1
+    device, versions = info["device"], info["versions"]
     gpu = device["backend"] == "gpu"
+    if args.min_time is None:
+        args.min_time = 2.0 if gpu else 0.0
     batches = args.batches or ([1, 64, 256] if gpu else [1, 8])
     train_batch = args.train_batch if args.train_batch is not None else (64 if gpu else 8)
-    infer = INFER + (INFER_GPU if gpu else [])
+    infer = INFER + (INFER_GPU + (INFER_GPU_EXTRA if args.variants else []) if gpu else [])
     train = (TRAIN + (TRAIN_GPU if gpu else [])) if train_batch else []
     if args.variants:
-        infer = [v for v in infer if v in args.variants]
-        train = [v for v in train if v in args.variants]
+        unknown = set(args.variants) - set(INFER + INFER_GPU + INFER_GPU_EXTRA + TRAIN + TRAIN_GPU)
+        if unknown:
+            p.error(f"unknown variants: {sorted(unknown)}")
+        infer = [v for v in args.variants if v in infer]  # in the order given
+        train = [v for v in args.variants if v in train]
     started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-    command = "python benchmarks/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
-
-    peak = _run_worker("matmul-peak", args.model, 1, 0, args.repeats, args.timeout) if gpu else None
+    out = args.out or ROOT / "benchmarks" / "results" / f"{device['backend']}.json"
     flops = TIMM_FLOPS_PER_IMAGE.get(args.model)
-    rows: list[dict] = []
+    peak = None if (not gpu or args.no_peak) else _run_worker("matmul-peak", args)
+    part = {"date": started, "command": command, "device": device, "versions": versions, "matmul_peak_bf16": peak}
+    result = {**part, "model": args.model, "flops_per_image": flops, "settings": {}, "rows": []}
+    result["settings"] = {"warmup": args.warmup, "repeats": args.repeats, "min_time_s": args.min_time}
+    rows: list[dict] = result["rows"]
+    _write(result, out)
+    if peak and "tflops" in peak:
+        print(f"measured bf16 matmul peak: {peak['tflops']:.1f} TFLOP/s", file=sys.stderr, flush=True)
     jobs = [("infer", v, b) for b in batches for v in infer] + [("train", v, train_batch) for v in train]
     for kind, variant, batch in jobs:
         print(f"running {kind} {variant} batch {batch} ...", file=sys.stderr, flush=True)
-        res = _run_worker(variant, args.model, batch, args.warmup, args.repeats, args.timeout)
+        res = _run_worker(variant, args, batch)
         row = {"kind": kind, "variant": variant, "batch": batch, **{k: v for k, v in res.items() if k != "times"}}
         if "times" in res:
             row["median_s"] = statistics.median(res["times"])
             row["img_s"] = batch / row["median_s"]
             row["times"] = res["times"]
-            if gpu and peak and "tflops" in peak and flops and kind == "infer":
-                row["fraction_of_matmul_peak"] = row["img_s"] * flops / 1e12 / peak["tflops"]
         else:
             row["note"] = res.get("error", "")
         rows.append(row)
-    # ratios against timm at the same kind, batch and precision
-    for row in rows:
-        if "img_s" not in row or not row["variant"].startswith("jax"):
-            continue
-        prec = row["variant"].rsplit("-", 1)[1]
-        for ref, key in (("eager", "vs_timm_eager"), ("compile", "vs_timm_compile")):
-            want = f"timm-{'train-' if row['kind'] == 'train' else ''}{ref}-{prec}"
-            if prec == "bf16" and not gpu:
-                want = want.replace("bf16", "fp32")  # on CPU timm runs fp32 only
-            match = [r for r in rows if r["variant"] == want and r["batch"] == row["batch"] and "img_s" in r]
-            if match:
-                row[key] = row["img_s"] / match[0]["img_s"]
-    result = {
-        "date": started,
-        "command": command,
-        "model": args.model,
-        "device": device,
-        "versions": _versions(),
-        "matmul_peak_bf16": peak,
-        "flops_per_image": flops,
-        "rows": rows,
-    }
-    table = _table(rows)
-    print(table)
+        _finish_rows(rows, [part], flops)
+        _write(result, out)  # after every row: a stopped run keeps what it measured
+        print("  " + _table([row]).splitlines()[-1], file=sys.stderr, flush=True)
+    print(_table(rows))
     if peak and "tflops" in peak:
         print(f"\nmeasured bf16 matmul peak: {peak['tflops']:.1f} TFLOP/s")
-    out = args.out or ROOT / "benchmarks" / "results" / f"{device['backend']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {out}", file=sys.stderr)
     return 0
 
