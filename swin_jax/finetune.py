@@ -40,6 +40,7 @@ __all__ = ["FinetuneError", "finetune", "evaluate", "add_cli_arguments", "run_cl
 
 CHECKPOINT_DIR = "checkpoints"
 MODEL_DIR = "model"
+EMA_MODEL_DIR = "model_ema"
 METRICS_FILE = "metrics.jsonl"
 STEPS_FILE = "steps.jsonl"
 # settings that must be equal when resuming (they decide the data order and the schedule)
@@ -279,9 +280,11 @@ def finetune(
             random resized crops of 8-100% of the area, horizontal flips, colour jitter 0.4). Small or
             non-photographic images (digits, text, medical scans) usually want milder crops and no flip.
         drop_path_rate: stochastic depth rate.
-        ema_decay: keep an EMA of the weights (evaluated too, as ``ema_*`` metrics) if set.
+        ema_decay: keep an EMA of the weights if set: evaluated every epoch too (``ema_*`` metrics), kept in
+            the checkpoints, and saved at the end next to the final weights (``output/model_ema``).
         seed: model init, drop path, shuffling and augmentation seed.
-        output: output directory (``checkpoints/``, ``metrics.jsonl``, ``steps.jsonl``, ``model/``).
+        output: output directory (``checkpoints/``, ``metrics.jsonl``, ``steps.jsonl``, ``model/``, and
+            ``model_ema/`` with ``ema_decay``).
         resume: continue from the latest checkpoint in ``output/checkpoints`` (from scratch if none).
         save_every_steps: checkpoint interval in steps (default: every epoch end); one is always saved at
             the end, when stopped by ``max_steps`` and on SIGTERM.
@@ -296,7 +299,8 @@ def finetune(
 
     Returns:
         ``{"status": 'completed' | 'stopped' (max_steps) | 'interrupted' (SIGTERM), "step", "epoch",
-        "checkpoint" (path of the last checkpoint), "model_dir" (final weights, when completed), and the last
+        "checkpoint" (path of the last checkpoint), "model_dir" (final weights, when completed), "ema_model_dir"
+        (the EMA weights, when completed with ``ema_decay``), and the last
         epoch's metrics ("loss", "val_loss", "top1", "top5", ...) if an epoch ended}``.
 
     Raises:
@@ -516,6 +520,8 @@ def finetune(
     }
     if status == "completed":
         result["model_dir"] = str(save_pretrained(net, output / MODEL_DIR, fmt="flax", force=True))
+        if ema is not None:
+            result["ema_model_dir"] = str(save_pretrained(_ema_model(net, ema), output / EMA_MODEL_DIR, force=True))
     elif status == "interrupted":
         print(f"stopped by SIGTERM at step {step}; checkpoint {checkpoint}; continue with resume=True", flush=True)
     else:
@@ -523,9 +529,16 @@ def finetune(
     return result
 
 
-def _end_epoch(net, ema, val_loader, acc, epoch, step, _dt, output: Path) -> dict[str, Any]:
+def _ema_model(net, ema):
+    """A copy of ``net`` holding the EMA weights."""
     from flax import nnx
 
+    ema_net = nnx.clone(net)
+    ema.copy_to(ema_net)
+    return ema_net
+
+
+def _end_epoch(net, ema, val_loader, acc, epoch, step, _dt, output: Path) -> dict[str, Any]:
     val = evaluate(net, val_loader)
     record = {
         "epoch": epoch,
@@ -537,9 +550,7 @@ def _end_epoch(net, ema, val_loader, acc, epoch, step, _dt, output: Path) -> dic
         "top5": val["top5"],
     }
     if ema is not None:
-        ema_model = nnx.clone(net)
-        ema.copy_to(ema_model)
-        ema_val = evaluate(ema_model, val_loader)
+        ema_val = evaluate(_ema_model(net, ema), val_loader)
         record.update({f"ema_{k}" if k != "loss" else "ema_val_loss": v for k, v in ema_val.items()})
     _append_jsonl(output / METRICS_FILE, record)
     line = (

@@ -100,6 +100,52 @@ def test_augmentation_is_applied_recorded_and_checked(data, full_run, tmp_path):
         assert not (tmp_path / "bad").exists()
 
 
+def _params(model_dir: Path) -> dict:
+    from flax import nnx
+
+    from swin_jax import create_model
+
+    state = nnx.state(create_model(ARCH, pretrained=str(model_dir)), nnx.Param)
+    return {jax_path: np.asarray(v) for jax_path, v in nnx.to_flat_state(state)}
+
+
+def test_ema_is_evaluated_checkpointed_and_saved(data, tmp_path):
+    """decay 1.0 keeps the initial weights (so the EMA metrics and model_ema are those of the untrained model,
+    unlike the trained one); decay 0.5 after a stop and resume equals an uninterrupted run, EMA included."""
+    from flax import nnx
+
+    from swin_jax import create_model
+
+    frozen = finetune(train_dir=data[0], val_dir=data[1], output=tmp_path / "frozen", ema_decay=1.0, **COMMON)
+    init = create_model(
+        ARCH,
+        num_classes=2,
+        drop_path_rate=0.1,
+        rngs=nnx.Rngs(COMMON["seed"]),
+        **{k: v for k, v in COMMON.items() if k in ("img_size", *TINY)},
+    )
+    init_params = {p: np.asarray(v) for p, v in nnx.to_flat_state(nnx.state(init, nnx.Param))}
+    ema_params, final_params = _params(Path(frozen["ema_model_dir"])), _params(Path(frozen["model_dir"]))
+    assert ema_params.keys() == init_params.keys()
+    for k in init_params:
+        np.testing.assert_array_equal(ema_params[k], init_params[k], err_msg=str(k))
+    assert any(not np.array_equal(final_params[k], init_params[k]) for k in init_params)
+    records = _read_jsonl(tmp_path / "frozen" / "metrics.jsonl")
+    assert {"ema_val_loss", "ema_top1", "ema_top5"} <= set(records[-1])
+    assert records[0]["ema_val_loss"] == pytest.approx(records[-1]["ema_val_loss"], abs=1e-6)  # never moves
+    assert records[-1]["ema_val_loss"] != pytest.approx(records[-1]["val_loss"], abs=1e-4)
+
+    moving = dict(COMMON, ema_decay=0.5)
+    whole = finetune(train_dir=data[0], val_dir=data[1], output=tmp_path / "whole", **moving)
+    finetune(train_dir=data[0], val_dir=data[1], output=tmp_path / "resumed", max_steps=1, **moving)
+    resumed = finetune(train_dir=data[0], val_dir=data[1], output=tmp_path / "resumed", resume=True, **moving)
+    a, b = _params(Path(whole["ema_model_dir"])), _params(Path(resumed["ema_model_dir"]))
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=0, atol=1e-6, err_msg=str(k))
+    assert resumed["ema_top1"] == whole["ema_top1"]
+    assert resumed["ema_val_loss"] == pytest.approx(whole["ema_val_loss"], abs=1e-5)
+
+
 def test_metrics_and_final_weights(data, full_run):
     import jax.numpy as jnp
 
