@@ -24,6 +24,7 @@ Command line: ``python -m swin_jax finetune --model TAG --train-dir DIR --val-di
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -43,8 +44,6 @@ MODEL_DIR = "model"
 EMA_MODEL_DIR = "model_ema"
 METRICS_FILE = "metrics.jsonl"
 STEPS_FILE = "steps.jsonl"
-# settings that must be equal when resuming (they decide the data order and the schedule)
-_RESUME_KEYS = ("model", "num_classes", "batch_size", "epochs", "seed", "steps_per_epoch", "ema")
 
 
 class FinetuneError(ValueError):
@@ -249,6 +248,9 @@ def finetune(
     hflip: float = 0.5,
     color_jitter: float | None = 0.4,
     rand_augment: tuple[int, float] | None = None,
+    mixup: float = 0.0,
+    cutmix: float = 0.0,
+    grad_accum_steps: int = 1,
     drop_path_rate: float = 0.1,
     clip_grad_norm: float | None = None,
     ema_decay: float | None = None,
@@ -279,6 +281,12 @@ def finetune(
             (:func:`swin_jax.datasets.create_train_transform`; the defaults are timm's ImageNet recipe:
             random resized crops of 8-100% of the area, horizontal flips, colour jitter 0.4). Small or
             non-photographic images (digits, text, medical scans) usually want milder crops and no flip.
+        mixup, cutmix: Beta alphas of Mixup / CutMix on every training batch (timm's ``--mixup 0.8 --cutmix 1.0``;
+            0 turns each off; with both on, CutMix is chosen for half the batches). The targets become soft
+            (smoothed by ``label_smoothing``); the random draw of each step depends only on ``seed`` and the
+            step, so a resumed run mixes exactly as an uninterrupted one.
+        grad_accum_steps: average the gradients of this many batches per optimizer update (effective batch
+            ``batch_size * grad_accum_steps``); the learning-rate schedule and the EMA count updates.
         drop_path_rate: stochastic depth rate.
         ema_decay: keep an EMA of the weights if set: evaluated every epoch too (``ema_*`` metrics), kept in
             the checkpoints, and saved at the end next to the final weights (``output/model_ema``).
@@ -328,6 +336,13 @@ def finetune(
         create_train_transform(1, **augment)
     except (ValueError, TypeError, IndexError) as e:
         raise FinetuneError(f"bad augmentation setting: {e}") from None
+    if mixup < 0 or cutmix < 0:
+        raise FinetuneError(f"mixup and cutmix are Beta alphas >= 0 (0 = off), got mixup={mixup}, cutmix={cutmix}")
+    if grad_accum_steps < 1 or steps_per_epoch % grad_accum_steps:
+        raise FinetuneError(
+            f"grad_accum_steps={grad_accum_steps} must be >= 1 and divide the {steps_per_epoch} batches of an epoch"
+        )
+    # settings that must be equal when resuming (they decide the data order, the schedule and the state kept)
     run_config = {
         "model": model,
         "num_classes": num_classes,
@@ -337,6 +352,8 @@ def finetune(
         "steps_per_epoch": steps_per_epoch,
         "ema": ema_decay is not None,
         "augment": augment,
+        "mixup": [float(mixup), float(cutmix)],
+        "grad_accum_steps": grad_accum_steps,
     }
     import jax
 
@@ -360,7 +377,7 @@ def finetune(
     from .distributed import make_mesh, shard_batch, shard_model
     from .factory import create_model
     from .hub import save_pretrained
-    from .train import EMA, create_optimizer, train_step
+    from .train import EMA, create_optimizer, mixup_cutmix, train_step
 
     output.mkdir(parents=True, exist_ok=True)
     mgr = _manager(ckpt_dir, keep)
@@ -399,9 +416,10 @@ def finetune(
         lr=lr,
         weight_decay=weight_decay,
         layer_decay=layer_decay,
-        warmup_steps=warmup_steps,
-        total_steps=total_steps,
+        warmup_steps=warmup_steps // grad_accum_steps,
+        total_steps=total_steps // grad_accum_steps,
         clip_grad_norm=clip_grad_norm,
+        grad_accum_steps=grad_accum_steps,
     )
     optimizer = nnx.Optimizer(net, tx, wrt=nnx.Param)
     # data parallel over every device (a no-op placement on one): XLA all-reduces the gradients
@@ -410,6 +428,17 @@ def finetune(
         shard_model(net, mesh)
         shard_model(optimizer, mesh)
     ema = EMA(net, decay=ema_decay) if ema_decay is not None else None
+    mix, mix_key = None, jax.random.key(seed)
+    if mixup > 0 or cutmix > 0:
+        mix = jax.jit(
+            functools.partial(
+                mixup_cutmix,
+                alpha_mixup=mixup,
+                alpha_cutmix=cutmix,
+                num_classes=num_classes,
+                label_smoothing=label_smoothing,
+            )
+        )
 
     acc = {"loss_sum": 0.0, "top1": 0.0, "top5": 0.0, "n": 0, "steps": 0}  # the current epoch's train stats
     if meta is not None:
@@ -464,14 +493,13 @@ def finetune(
             for batch in train_loader.iter_from(step):
                 t0 = time.perf_counter()
                 arrays = (batch["image"], batch["label"])
+                images, targets = shard_batch(arrays, mesh) if mesh is not None else tuple(map(jnp.asarray, arrays))
+                if mix is not None:
+                    images, targets, _ = mix(images, targets, jax.random.fold_in(mix_key, step))
                 out = train_step(
-                    net,
-                    optimizer,
-                    shard_batch(arrays, mesh) if mesh is not None else tuple(jnp.asarray(a) for a in arrays),
-                    label_smoothing=label_smoothing,
-                    num_classes=num_classes,
+                    net, optimizer, (images, targets), label_smoothing=label_smoothing, num_classes=num_classes
                 )
-                if ema is not None:
+                if ema is not None and (step + 1) % grad_accum_steps == 0:
                     ema.update(net)
                 step += 1
                 loss = float(out["loss"])
@@ -617,6 +645,11 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         metavar=("OPS", "MAG"),
         help="RandAugment-lite with OPS ops at magnitude MAG in [0, 10] instead of colour jitter, e.g. 2 9",
     )
+    parser.add_argument("--mixup", type=_non_negative_float, default=0.0, metavar="A", help="Mixup alpha, e.g. 0.8")
+    parser.add_argument("--cutmix", type=_non_negative_float, default=0.0, metavar="A", help="CutMix alpha, e.g. 1.0")
+    parser.add_argument(
+        "--grad-accum", type=_positive_int, default=1, metavar="N", help="batches per optimizer update (default: 1)"
+    )
     parser.add_argument("--drop-path", type=_non_negative_float, default=0.1, metavar="X", help="stochastic depth")
     parser.add_argument("--ema-decay", type=_non_negative_float, metavar="X", help="keep an EMA of the weights")
     parser.add_argument("--seed", type=int, default=0)
@@ -668,6 +701,9 @@ def run_cli(args: argparse.Namespace) -> int:
             hflip=args.hflip,
             color_jitter=args.color_jitter or None,
             rand_augment=None if args.rand_augment is None else (int(args.rand_augment[0]), args.rand_augment[1]),
+            mixup=args.mixup,
+            cutmix=args.cutmix,
+            grad_accum_steps=args.grad_accum,
             drop_path_rate=args.drop_path,
             ema_decay=args.ema_decay,
             seed=args.seed,

@@ -146,6 +146,39 @@ def test_ema_is_evaluated_checkpointed_and_saved(data, tmp_path):
     assert resumed["ema_val_loss"] == pytest.approx(whole["ema_val_loss"], abs=1e-5)
 
 
+def test_mixup_cutmix_applied_and_resumed_exactly(data, full_run, tmp_path):
+    """Mixup/CutMix change the training batches (run A had none, same seed), and their draws depend only on
+    the seed and the step: a stopped and resumed run mixes exactly as an uninterrupted one."""
+    mixed = dict(COMMON, mixup=0.8, cutmix=1.0)
+    whole = tmp_path / "whole"
+    finetune(train_dir=data[0], val_dir=data[1], output=whole, **mixed)
+    a, ref = _step_losses(whole), _step_losses(full_run[0])
+    assert all(a[s] != pytest.approx(ref[s], abs=1e-4) for s in a)
+    finetune(train_dir=data[0], val_dir=data[1], output=tmp_path / "b", max_steps=1, **mixed)
+    finetune(train_dir=data[0], val_dir=data[1], output=tmp_path / "b", resume=True, **mixed)
+    b = _step_losses(tmp_path / "b")
+    np.testing.assert_allclose([b[s] for s in sorted(a)], [a[s] for s in sorted(a)], rtol=0, atol=1e-6)
+    with pytest.raises(FinetuneError, match="mixup and cutmix are Beta alphas >= 0"):
+        finetune(train_dir=data[0], val_dir=data[1], output=tmp_path / "bad", **dict(COMMON, mixup=-1.0))
+    assert not (tmp_path / "bad").exists()
+
+
+def test_gradient_accumulation_equals_the_large_batch(data, tmp_path):
+    """Batches of 2 accumulated over 2 steps train like batches of 4 (same images in the same order, same
+    augmentation, no drop path): the validation loss after every epoch agrees."""
+    base = dict(COMMON, drop_path_rate=0.0)
+    finetune(train_dir=data[0], val_dir=data[1], output=tmp_path / "big", **base)
+    small = dict(base, batch_size=2, grad_accum_steps=2)
+    result = finetune(train_dir=data[0], val_dir=data[1], output=tmp_path / "accum", **small)
+    assert result["step"] == 8  # micro-batches; 4 optimizer updates as the big run
+    big, accum = _read_jsonl(tmp_path / "big" / "metrics.jsonl"), _read_jsonl(tmp_path / "accum" / "metrics.jsonl")
+    assert [r["epoch"] for r in accum] == [1, 2]
+    for rb, ra in zip(big, accum, strict=True):
+        assert ra["val_loss"] == pytest.approx(rb["val_loss"], abs=1e-4)
+    with pytest.raises(FinetuneError, match="grad_accum_steps=3 must be >= 1 and divide the 4 batches of an epoch"):
+        finetune(train_dir=data[0], val_dir=data[1], output=tmp_path / "bad", **dict(small, grad_accum_steps=3))
+
+
 def test_metrics_and_final_weights(data, full_run):
     import jax.numpy as jnp
 
@@ -271,13 +304,18 @@ def test_cli_bad_data_exit_2(tmp_path):
     assert not out.exists() and time.monotonic() - t0 < 30
 
 
-def test_cli_augmentation_flags_reach_finetune(data, tmp_path):
+def test_cli_training_flags_reach_finetune(data, tmp_path):
     out = tmp_path / "out"
     flags = ["--scale", "0.5", "1", "--hflip", "0", "--color-jitter", "0", "--rand-augment", "2", "11"]
     res = subprocess.run(_cli(data, out, *flags), cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=60)
     assert res.returncode == 2
     assert "finetune: error: bad augmentation setting: RandAugment magnitude must be in [0, 10], got 11.0" in res.stderr
     assert "Traceback" not in res.stderr and not out.exists()
+    flags = ["--mixup", "0.8", "--cutmix", "1", "--grad-accum", "3"]
+    res = subprocess.run(_cli(data, out, *flags), cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2
+    assert "finetune: error: grad_accum_steps=3 must be >= 1 and divide the 2 batches of an epoch" in res.stderr
+    assert not out.exists()
 
 
 def test_data_parallel_on_4_devices_with_resume_matches_one_device(data, full_run, tmp_path):
