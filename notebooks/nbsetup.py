@@ -46,7 +46,7 @@ def hub_reachable(repo_id: str, timeout: float = 5.0) -> tuple[bool, str]:
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     url = f"{endpoint}/api/models/{repo_id}"
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
+        with urllib.request.urlopen(url, timeout=timeout):  # GET: the model card JSON, a few kB
             return True, ""
     except urllib.error.HTTPError as err:  # the Hub answered, but not with the model
         return False, f"the Hub answered {err.code} for {url}"

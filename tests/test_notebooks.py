@@ -104,6 +104,37 @@ def test_auto_falls_back_when_the_endpoint_does_not_answer(monkeypatch):
     assert not ok and "unreachable" in why
 
 
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """A local HTTP endpoint standing in for the Hub: 200 for /api/models/timm/known, 404 otherwise."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            known = self.path == "/api/models/timm/known"
+            self.send_response(200 if known else 404)
+            self.end_headers()
+            self.wfile.write(b'{"id": "timm/known"}' if known else b"{}")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    yield
+    server.shutdown()
+
+
+def test_auto_takes_pretrained_when_the_hub_answers(fake_hub, capsys):
+    assert nbsetup.resolve_weights("auto", "timm/known").pretrained
+    assert "PRETRAINED WEIGHTS: timm/known" in capsys.readouterr().out
+    weights = nbsetup.resolve_weights("auto", "timm/unknown")
+    assert not weights.pretrained and "the Hub answered 404" in weights.reason
+
+
 def test_pretrained_and_random_are_taken_as_said(monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert nbsetup.resolve_weights("pretrained", "timm/x").pretrained  # loading then fails with a clear error
