@@ -435,11 +435,10 @@ class SwinTransformerBlock(nnx.Module):
         Returns:
             ``[B, nW_h, nW_w, num_heads, N, N]`` float32 with ``N = window_h * window_w``.
         """
-        b, h, w, _ = x.shape
-        (wh, ww) = self.window_size
+        wh, ww = self.window_size
         windows, mask, hp, wp = self._partition(self.norm1(x))
         attn = self.attn.attention_weights(windows, mask=mask)
-        return attn.reshape(b, hp // wh, wp // ww, *attn.shape[1:])
+        return attn.reshape(x.shape[0], hp // wh, wp // ww, *attn.shape[1:])
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``[B, H, W, C]`` -> ``[B, H, W, C]``."""
