@@ -44,6 +44,7 @@ MODEL_DIR = "model"
 EMA_MODEL_DIR = "model_ema"
 METRICS_FILE = "metrics.jsonl"
 STEPS_FILE = "steps.jsonl"
+_MIX_STREAM = 0x6D697875  # "mixu": far above any count an nnx.Rngs stream reaches
 
 
 class FinetuneError(ValueError):
@@ -428,7 +429,8 @@ def finetune(
         shard_model(net, mesh)
         shard_model(optimizer, mesh)
     ema = EMA(net, decay=ema_decay) if ema_decay is not None else None
-    mix, mix_key = None, jax.random.key(seed)
+    # its own stream: nnx.Rngs(seed) draws fold_in(key(seed), 0, 1, ...) for the initializers and drop path
+    mix, mix_key = None, jax.random.fold_in(jax.random.key(seed), _MIX_STREAM)
     if mixup > 0 or cutmix > 0:
         mix = jax.jit(
             functools.partial(
