@@ -14,7 +14,7 @@ This module adds the *training* side of the data pipeline; the eval preprocessin
   All randomness comes from a ``numpy.random.Generator``, so it is reproducible.
 * :func:`make_loader` / :func:`make_eval_loader` build `grain <https://github.com/google/grain>`_
   pipelines yielding ``{"image": float32 [B, H, W, 3], "label": int32 [B]}`` batches that are deterministic
-  for a given seed, independent of the worker count, shardable across hosts and resumable.
+  for a given seed, independent of the worker count, split across hosts by global batch and resumable.
 
 Only numpy, Pillow, grain and the standard library are used (never torch, torchvision or timm).
 
@@ -487,44 +487,61 @@ def _wants_rng(transform: Callable) -> bool:
     return len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in params)
 
 
-class _LoadRecord:
-    """``map_with_index`` function: (position in repeated stream, sample index) -> {"image", "label"}."""
+class _Position:
+    """``map_with_index`` function: (position in the repeated stream, sample index) -> ``[position, index]``."""
 
-    def __init__(self, dataset: Any, transform: Callable, seed: int, epoch_len: int) -> None:
+    def __call__(self, position: int, sample_index: int) -> np.ndarray:
+        return np.array([position, sample_index], np.int64)
+
+
+class _LoadShare:
+    """Batch function: a global batch of ``[position, sample index]`` rows -> this shard's images and labels.
+
+    Shard ``i`` of ``n`` loads only rows ``[i * b, (i + 1) * b)`` of each global batch (``b = batch_size / n``).
+    With ``pad``, a partial last batch is padded to ``batch_size`` rows first (zero images, label 0) and a bool
+    ``"mask"`` marks the real samples.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        transform: Callable,
+        seed: int,
+        epoch_len: int,
+        batch_size: int,
+        shard: tuple[int, int],
+        pad: bool,
+    ) -> None:
         self.dataset = dataset
         self.transform = transform
         self.seed = int(seed)
         self.epoch_len = epoch_len
+        self.batch_size = batch_size
+        self.shard_index, self.shard_count = shard
+        self.pad = pad
         self.wants_rng = _wants_rng(transform)
 
-    def __call__(self, position: int, sample_index: int) -> dict[str, Any]:
+    def _load(self, position: int, sample_index: int) -> tuple[np.ndarray, int]:
         img, label = self.dataset[int(sample_index)]
         if self.wants_rng:
-            epoch = position // self.epoch_len
-            rng = np.random.default_rng([self.seed, epoch, int(sample_index)])
-            image = self.transform(img, rng)
+            epoch = int(position) // self.epoch_len
+            image = self.transform(img, np.random.default_rng([self.seed, epoch, int(sample_index)]))
         else:
             image = self.transform(img)
-        return {"image": np.asarray(image, dtype=np.float32), "label": np.int32(label), "mask": np.bool_(True)}
+        return np.asarray(image, dtype=np.float32), int(label)
 
-
-class _PadBatch:
-    """Pad a partial batch to ``batch_size`` (zeros, label 0, mask False)."""
-
-    def __init__(self, batch_size: int) -> None:
-        self.batch_size = batch_size
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = batch["label"].shape[0]
-        if n == self.batch_size:
-            return batch
-        return {
-            k: np.concatenate([v, np.zeros((self.batch_size - n, *v.shape[1:]), v.dtype)]) for k, v in batch.items()
-        }
-
-
-def _drop_mask(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {"image": batch["image"], "label": batch["label"]}
+    def __call__(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        share = (self.batch_size if self.pad else len(rows)) // self.shard_count
+        lo = self.shard_index * share
+        loaded = [self._load(position, index) for position, index in rows[lo : lo + share]]
+        if not self.pad:
+            return {"image": np.stack([im for im, _ in loaded]), "label": np.array([lb for _, lb in loaded], np.int32)}
+        shape = (loaded[0][0] if loaded else self._load(*rows[0])[0]).shape  # an all-padding share needs the shape
+        images = np.zeros((share, *shape), np.float32)
+        labels = np.zeros(share, np.int32)
+        for k, (im, lb) in enumerate(loaded):
+            images[k], labels[k] = im, lb
+        return {"image": images, "label": labels, "mask": np.arange(share) < len(loaded)}
 
 
 def _copy_out_of_shared_memory(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -553,7 +570,7 @@ class Loader:
 
     Attributes:
         dataset: The grain ``IterDataset`` behind the loader.
-        steps_per_epoch: Batches per epoch on this shard.
+        steps_per_epoch: Batches per epoch.
         num_batches: Total batches (``None`` when ``num_epochs`` is None: infinite).
     """
 
@@ -610,19 +627,24 @@ def make_loader(
 ) -> Loader:
     """Build a deterministic grain loader yielding ``{"image": float32 [B, H, W, 3], "label": int32 [B]}``.
 
-    Pipeline (``grain.MapDataset``): ``range(len(dataset))`` -> shard ``[shard_index::shard_count]`` ->
-    ``shuffle(seed)`` (grain reshuffles every epoch with seed ``seed + epoch``) -> ``map_with_index`` that
-    loads the image and applies ``transform`` -> ``batch`` (per epoch: batches never straddle epochs, the
-    last partial batch of each epoch is dropped with ``drop_remainder``) -> ``repeat(num_epochs)`` ->
-    ``to_iter_dataset`` (``read_threads`` threads) -> ``mp_prefetch`` when ``worker_count > 0``.
+    Pipeline (``grain.MapDataset``): ``range(len(dataset))`` -> ``shuffle(seed)`` (grain reshuffles every epoch
+    with seed ``seed + epoch``) -> ``batch`` of sample indices (per epoch: batches never straddle epochs, the
+    last partial batch of each epoch is dropped with ``drop_remainder``) -> load this shard's part of each
+    batch and apply ``transform`` -> ``repeat(num_epochs)`` -> ``to_iter_dataset`` (``read_threads``
+    threads) -> ``mp_prefetch`` when ``worker_count > 0``.
 
     If ``transform`` takes two arguments (e.g. :class:`TrainTransform`) it gets a
     ``numpy.random.default_rng([seed, epoch, sample_index])``, so every sample's augmentation depends only
     on (seed, epoch, sample) — not on the order, shard, worker or thread count. Each batch is a pure function
     of its index, so the output is identical for any ``worker_count`` / ``read_threads``.
 
-    Sharding (multi-host): shard ``i`` of ``n`` gets samples ``i, i + n, ...`` (disjoint; sizes differ by at
-    most one — use ``drop_remainder=True`` and equal-size shards when hosts must step in lockstep).
+    Sharding (multi-host): ``batch_size`` is the *global* batch. Shard ``i`` of ``n`` reads and yields only
+    rows ``[i * batch_size / n, (i + 1) * batch_size / n)`` of every global batch, so the global batches (their
+    samples, order and augmentation) are the same for any number of shards, and the shards concatenated in
+    order are the one-shard loader's batches. ``batch_size`` must be divisible by ``shard_count``; with more
+    than one shard a partial batch is either dropped (``drop_remainder``) or padded (``pad_last``). With
+    ``jax.distributed``, pass ``shard_index=jax.process_index(), shard_count=jax.process_count()`` and
+    assemble the global array with :func:`swin_jax.distributed.shard_batch`.
 
     Example::
 
@@ -635,17 +657,18 @@ def make_loader(
     Args:
         dataset: An :class:`ImageFolder` (any sequence of ``(PIL image, label)`` that pickles, for workers).
         transform: ``transform(img) -> [H, W, 3]`` or ``transform(img, rng) -> [H, W, 3]``.
-        batch_size: Batch size (per shard).
+        batch_size: Global batch size (this shard yields ``batch_size // shard_count`` rows of each).
         shuffle: Shuffle every epoch.
         seed: Seed for shuffling and augmentation (0 <= seed < 2**32).
         num_epochs: Number of epochs, or None to repeat forever.
         drop_remainder: Drop each epoch's last partial batch.
         worker_count: grain worker processes (0: no processes, main process only).
-        shard_index: This host's shard.
-        shard_count: Number of shards.
+        shard_index: This process's share of each batch.
+        shard_count: Number of shares (processes).
         start_step: First batch to yield (resume by step).
         read_threads: Threads per process for loading / transforming (0: grain's default ReadOptions).
-        pad_last: Pad partial batches to ``batch_size`` and add a bool ``"mask"`` (True for real samples).
+        pad_last: Pad partial batches to ``batch_size`` (zero images, label 0) and add a bool ``"mask"``
+            (True for real samples).
 
     Returns:
         A :class:`Loader`.
@@ -656,25 +679,28 @@ def make_loader(
         raise ValueError(f"seed must be in [0, 2**32), got {seed}.")
     if shard_count < 1 or not 0 <= shard_index < shard_count:
         raise ValueError(f"Need 0 <= shard_index < shard_count, got shard_index={shard_index}, {shard_count=}.")
+    if batch_size % shard_count:
+        raise ValueError(f"batch_size={batch_size} must be divisible by shard_count={shard_count} (equal shares).")
+    if shard_count > 1 and not (drop_remainder or pad_last):
+        raise ValueError("With shard_count > 1 a partial batch can't be split equally: use drop_remainder or pad_last.")
     if num_epochs is not None and num_epochs < 1:
         raise ValueError(f"num_epochs must be >= 1 or None, got {num_epochs}.")
     if worker_count < 0:
         raise ValueError(f"worker_count must be >= 0, got {worker_count}.")
-    ds = grain.MapDataset.range(len(dataset))[shard_index::shard_count]
-    epoch_len = len(ds)
+    epoch_len = len(dataset)
     if epoch_len == 0:
-        raise ValueError(f"Shard {shard_index} of {shard_count} is empty: the dataset has only {len(dataset)} samples.")
+        raise ValueError("The dataset is empty.")
     steps_per_epoch = epoch_len // batch_size if drop_remainder else -(-epoch_len // batch_size)
     if steps_per_epoch == 0:
         raise ValueError(
-            f"batch_size={batch_size} is larger than the {epoch_len} samples of this shard and drop_remainder=True: "
+            f"batch_size={batch_size} is larger than the {epoch_len} samples of the dataset and drop_remainder=True: "
             "no batch would be produced."
         )
+    ds = grain.MapDataset.range(epoch_len)
     if shuffle:
         ds = ds.shuffle(seed)
-    ds = ds.map_with_index(_LoadRecord(dataset, transform, seed, epoch_len))
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-    ds = ds.map(_PadBatch(batch_size) if pad_last else _drop_mask)
+    ds = ds.map_with_index(_Position()).batch(batch_size, drop_remainder=drop_remainder)
+    ds = ds.map(_LoadShare(dataset, transform, seed, epoch_len, batch_size, (shard_index, shard_count), pad_last))
     ds = ds.repeat(num_epochs)
     num_batches = None if num_epochs is None else num_epochs * steps_per_epoch
     read = grain.ReadOptions(num_threads=read_threads) if read_threads > 0 else grain.ReadOptions()
@@ -698,7 +724,8 @@ def make_eval_loader(
     ``transform`` is normally ``swin_jax.data.create_transform(**resolve_data_config(model))``. The last
     partial batch is kept and **padded** to ``batch_size`` (zero images, label 0); each batch carries a bool
     ``"mask"`` ``[B]`` that is False for the padding, so a jitted eval step sees one shape. Weight metrics by
-    ``mask`` (e.g. ``correct = ((logits.argmax(-1) == label) & mask).sum()``).
+    ``mask`` (e.g. ``correct = ((logits.argmax(-1) == label) & mask).sum()``). With ``shard_count > 1`` each
+    process gets its share of every padded global batch (see :func:`make_loader`).
 
     Example::
 

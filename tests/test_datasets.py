@@ -299,20 +299,25 @@ def test_drop_remainder_is_per_epoch():
     assert [len(_ids(b)) for b in dropped] == [4, 4, 4, 4] and len(dropped) == 4
 
 
-def test_sharding_is_disjoint_and_complete():
+def test_shards_split_every_global_batch():
+    """Shard i of n yields rows [i*b, (i+1)*b) of each global batch: the global batches are those of one shard."""
     ds = _IndexDataset(30)
-    seen = []
-    for shard in range(3):
-        kw = dict(shard_index=shard, shard_count=3)
-        loader = make_loader(
-            ds, transform=_raw, batch_size=5, shuffle=True, seed=7, num_epochs=1, drop_remainder=True, **kw
-        )
-        seen.append(sum((_ids(b) for b in loader), []))
-    assert all(len(s) == 10 for s in seen)
-    assert sorted(sum(seen, [])) == list(range(30))
+    kw = dict(transform=_raw, batch_size=6, shuffle=True, seed=7, num_epochs=2, drop_remainder=True)
+    whole = [_ids(b) for b in make_loader(ds, **kw)]
+    shards = [[_ids(b) for b in make_loader(ds, **kw, shard_index=i, shard_count=3)] for i in range(3)]
+    assert [len(s) for s in shards] == [10, 10, 10] and all(len(b) == 2 for s in shards for b in s)
+    assert [sum((s[k] for s in shards), []) for k in range(10)] == whole
+    # padded eval batches: the shares of the last (partial, padded) batch carry the mask
+    ev = [make_eval_loader(ds, transform=_raw, batch_size=8, shard_index=i, shard_count=2) for i in range(2)]
+    last = [list(e)[-1] for e in ev]
+    assert [b["mask"].tolist() for b in last] == [[True, True, True, True], [True, True, False, False]]
+    assert last[1]["label"].tolist()[2:] == [0, 0]
     with pytest.raises(ValueError, match="shard_index"):
-        kw = dict(shard_index=3, shard_count=3)
-        make_loader(ds, transform=_raw, batch_size=5, shuffle=True, seed=0, drop_remainder=True, **kw)
+        make_loader(ds, **dict(kw, shard_index=3, shard_count=3))
+    with pytest.raises(ValueError, match="batch_size=6 must be divisible by shard_count=4"):
+        make_loader(ds, **dict(kw, shard_index=0, shard_count=4))
+    with pytest.raises(ValueError, match="drop_remainder or pad_last"):
+        make_loader(ds, **dict(kw, drop_remainder=False, shard_index=0, shard_count=3))
 
 
 def test_resume_from_state_and_from_step(folder):
