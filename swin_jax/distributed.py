@@ -14,12 +14,19 @@ Example::
     for batch in loader:
         metrics = train_step(model, optimizer, shard_batch((batch["image"], batch["label"]), mesh), ...)
 
-Several hosts (e.g. a TPU pod slice, or GPU nodes): call ``jax.distributed.initialize()`` first on
-every host (on Cloud TPU it needs no arguments; elsewhere pass coordinator_address, num_processes,
-process_id). ``jax.devices()`` then lists every host's devices and :func:`make_mesh` spans them all;
-give each host its own shard of the data (``make_loader(..., shard_index=jax.process_index(),
-shard_count=jax.process_count())``) and build the global batch with :func:`shard_batch`, which uses
-``jax.make_array_from_process_local_data``.
+Several hosts (e.g. a TPU pod slice, or GPU nodes): call :func:`initialize` first on every host, before
+any other JAX work (with no arguments on a cluster JAX detects itself: SLURM, Cloud TPU, MPI; elsewhere
+with the coordinator's ``host:port``, the number of processes and this process's id). ``jax.devices()``
+then lists every host's devices and :func:`make_mesh` spans them all. Each host reads only its share of
+every global batch (``make_loader(..., batch_size=GLOBAL, shard_index=jax.process_index(),
+shard_count=jax.process_count())``) and :func:`shard_batch` assembles the global array with
+``jax.make_array_from_process_local_data``. Results of a step are global arrays; :func:`to_host` reads
+them (and parameters, for saving) as numpy on every host. ``python -m swin_jax finetune --coordinator
+HOST:PORT --num-processes N --process-id I`` (or ``--distributed``) does all of this.
+
+If a process dies, JAX's coordination service stops every other process (SIGABRT, with "Terminating
+process because the JAX distributed service detected fatal errors" and the failed task on stderr):
+at once when the coordinator (process 0) dies, within ``heartbeat_timeout_s`` when another does.
 """
 
 from __future__ import annotations
@@ -31,9 +38,70 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-__all__ = ["make_mesh", "shard_model", "shard_batch", "param_partition_spec"]
+__all__ = ["initialize", "make_mesh", "shard_model", "shard_batch", "param_partition_spec", "to_host"]
 
 BATCH_AXES = ("data", "fsdp")
+
+
+def initialize(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    heartbeat_timeout_s: int | None = None,
+) -> None:
+    """Join a multi-process JAX run (``jax.distributed.initialize``): call it before any other JAX work.
+
+    Args:
+        coordinator: ``host:port`` of process 0's coordination service; with ``num_processes`` and
+            ``process_id`` (all three or none). None: let JAX detect the cluster (SLURM, Cloud TPU, MPI).
+        num_processes: the number of processes.
+        process_id: this process's id in ``[0, num_processes)``.
+        heartbeat_timeout_s: how long a silent process is waited for before the others are stopped
+            (JAX's default: 100 s).
+
+    Raises:
+        ValueError: some but not all of the three, a malformed ``host:port``, or an id out of range.
+    """
+    given = [v is not None for v in (coordinator, num_processes, process_id)]
+    if any(given) and not all(given):
+        raise ValueError("give the coordinator (host:port), the number of processes and the process id together")
+    kwargs: dict[str, Any] = {}
+    if all(given):
+        host, _, port = str(coordinator).rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"the coordinator must be host:port (e.g. 10.0.0.1:1234), got {coordinator!r}")
+        if num_processes < 1 or not 0 <= process_id < num_processes:
+            raise ValueError(f"need 0 <= process id < number of processes, got {process_id} of {num_processes}")
+        kwargs = dict(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+    if heartbeat_timeout_s is not None:
+        if heartbeat_timeout_s < 1:
+            raise ValueError(f"heartbeat_timeout_s must be >= 1, got {heartbeat_timeout_s}")
+        kwargs["heartbeat_timeout_seconds"] = int(heartbeat_timeout_s)
+    jax.distributed.initialize(**kwargs)
+
+
+def to_host(tree: Any) -> Any:
+    """Every array of ``tree`` as a numpy array holding its global value, on every process (RNG keys as local
+    key arrays).
+
+    A replicated array is read from a local copy; an array split across processes is gathered (a collective:
+    every process must call this together). Non-array leaves are returned as they are.
+    """
+    from jax.experimental import multihost_utils
+
+    def read(x: Any) -> Any:
+        if not isinstance(x, jax.Array):
+            return x
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # a key array: a local key with the same data
+            return jax.random.wrap_key_data(read(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+        if x.is_fully_addressable:
+            return np.asarray(x)
+        if x.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    return jax.tree_util.tree_map(read, tree)
 
 
 def make_mesh(fsdp: int = 1, devices: list | None = None) -> Mesh:
@@ -67,11 +135,18 @@ def shard_model(module: nnx.Module | Any, mesh: Mesh) -> None:
     """
     fsdp = mesh.shape["fsdp"]
     state = nnx.state(module)
+    multi = jax.process_count() > 1
+
+    def put(x: jax.Array, spec: PartitionSpec) -> jax.Array:
+        # several processes: a process-local array is put from its host value (the same on every process)
+        return jax.device_put(np.asarray(x) if multi and x.is_fully_addressable else x, NamedSharding(mesh, spec))
 
     def place(x: Any) -> Any:
-        if not isinstance(x, jax.Array) or jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-            return jax.device_put(x, NamedSharding(mesh, PartitionSpec())) if isinstance(x, jax.Array) else x
-        return jax.device_put(x, NamedSharding(mesh, param_partition_spec(x.shape, fsdp)))
+        if not isinstance(x, jax.Array):
+            return x
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # RNG keys: replicated, placed as their data
+            return jax.random.wrap_key_data(put(jax.random.key_data(x), PartitionSpec()), impl=jax.random.key_impl(x))
+        return put(x, param_partition_spec(x.shape, fsdp))
 
     nnx.update(module, jax.tree_util.tree_map(place, state))
 
@@ -79,14 +154,18 @@ def shard_model(module: nnx.Module | Any, mesh: Mesh) -> None:
 def shard_batch(batch: Any, mesh: Mesh) -> Any:
     """Split each array of ``batch`` along its first (batch) axis over the mesh's data and fsdp axes.
 
-    On one host the arrays are the global batch; with several hosts each host passes its local part
-    and the global array is assembled with ``jax.make_array_from_process_local_data``.
+    On one host the arrays are the global batch; with several hosts each host passes its local part (its
+    rows of the global batch, in process order) and the global array is assembled with
+    ``jax.make_array_from_process_local_data``.
     """
     sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
     def put(x: Any) -> jax.Array:
         x = np.asarray(x)
         if jax.process_count() > 1:
+            local = len(sharding.addressable_devices)
+            if x.shape[0] % local:
+                raise ValueError(f"local batch {x.shape[0]} must be divisible by this process's {local} devices")
             return jax.make_array_from_process_local_data(sharding, x)
         if x.shape[0] % mesh.size:
             raise ValueError(f"batch size {x.shape[0]} must be divisible by the number of devices ({mesh.size})")
