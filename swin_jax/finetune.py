@@ -15,7 +15,11 @@ loaders), :mod:`swin_jax.train` (timm's AdamW / layer decay / cosine schedule, `
   :func:`finetune` returns with ``status='interrupted'`` (the previous handler is restored);
 * per epoch one line is printed and appended to ``output/metrics.jsonl`` (train loss, val loss, top-1,
   top-5 in percent); per step ``output/steps.jsonl`` gets the loss;
-* the final weights go to ``output/model`` (Flax layout): ``create_model(arch, pretrained=output/"model")``.
+* the final weights go to ``output/model`` (Flax layout): ``create_model(arch, pretrained=output/"model")``;
+* several processes (``distributed=`` / ``--coordinator ... --num-processes N --process-id I`` or
+  ``--distributed``): the same global batches, losses and weights as one process with as many devices, each
+  process loading only its share of every batch; checkpoints written collectively, the logs and final
+  weights by process 0 alone.
 
 Command line: ``python -m swin_jax finetune --model TAG --train-dir DIR --val-dir DIR --epochs N
 --batch-size N --lr X --output DIR [--resume]`` (see :func:`add_cli_arguments`).
@@ -31,7 +35,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +102,9 @@ def _check_data(train_dir: Any, val_dir: Any, num_classes: int | None, batch_siz
     return train_ds, val_ds, int(num_classes)
 
 
-def _check_settings(model: str, epochs: int, batch_size: int, lr: float, keep: int, save_every: int | None) -> None:
+def _check_settings(
+    model: str, epochs: int, batch_size: int, lr: float, keep: int, save_every: int | None, opt_eps: float
+) -> None:
     from .registry import split_model_name
 
     try:
@@ -116,6 +121,8 @@ def _check_settings(model: str, epochs: int, batch_size: int, lr: float, keep: i
         raise FinetuneError(f"keep must be >= 1, got {keep}")
     if save_every is not None and save_every < 1:
         raise FinetuneError(f"save_every_steps must be >= 1, got {save_every}")
+    if not opt_eps > 0:
+        raise FinetuneError(f"opt_eps must be > 0, got {opt_eps}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -194,15 +201,18 @@ def _eval_batch_impl(model, images, labels, mask):
 _EVAL_BATCH = None
 
 
-def evaluate(model: Any, loader: Any) -> dict[str, float]:
+def evaluate(model: Any, loader: Any, mesh: Any = None) -> dict[str, float]:
     """Mean cross-entropy and top-1 / top-5 accuracy (percent) of ``model`` over an eval loader.
 
     ``loader`` is a :func:`swin_jax.datasets.make_eval_loader` (padded batches with a ``mask``). The model is
-    put in eval mode.
+    put in eval mode. With a ``mesh`` the batches are split over it (:func:`swin_jax.distributed.shard_batch`;
+    with several processes each passes its share of every batch, and all get the same result).
     """
     global _EVAL_BATCH
-    import jax.numpy as jnp
+    import numpy as np
     from flax import nnx
+
+    from .distributed import shard_batch, to_host
 
     if _EVAL_BATCH is None:
         _EVAL_BATCH = nnx.jit(_eval_batch_impl)
@@ -211,8 +221,9 @@ def evaluate(model: Any, loader: Any) -> dict[str, float]:
     for batch in loader:
         mask = batch.get("mask")
         if mask is None:
-            mask = jnp.ones(batch["label"].shape, bool)
-        out = _EVAL_BATCH(model, jnp.asarray(batch["image"]), jnp.asarray(batch["label"]), jnp.asarray(mask))
+            mask = np.ones(batch["label"].shape, bool)
+        arrays = (batch["image"], batch["label"], mask)
+        out = to_host(_EVAL_BATCH(model, *(shard_batch(arrays, mesh) if mesh is not None else arrays)))
         for k in totals:
             totals[k] += float(out[k])
     n = max(totals["n"], 1.0)
@@ -225,9 +236,12 @@ def evaluate(model: Any, loader: Any) -> dict[str, float]:
 
 
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
+    """Append one JSON line with a single write (O_APPEND), so a killed process leaves no partial line."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        os.write(fd, (json.dumps(record) + "\n").encode())
+    finally:
+        os.close(fd)
 
 
 def finetune(
@@ -254,6 +268,7 @@ def finetune(
     grad_accum_steps: int = 1,
     drop_path_rate: float = 0.1,
     clip_grad_norm: float | None = None,
+    opt_eps: float = 1e-8,
     ema_decay: float | None = None,
     seed: int = 0,
     output: str | os.PathLike,
@@ -265,6 +280,7 @@ def finetune(
     log_steps: bool = True,
     progress: bool | None = None,
     worker_count: int = 0,
+    distributed: dict[str, Any] | None = None,
     **model_overrides: Any,
 ) -> dict[str, Any]:
     """Fine-tune ``model`` on ``train_dir`` (ImageFolder layout), validating on ``val_dir`` every epoch.
@@ -289,6 +305,7 @@ def finetune(
         grad_accum_steps: average the gradients of this many batches per optimizer update (effective batch
             ``batch_size * grad_accum_steps``); the learning-rate schedule and the EMA count updates.
         drop_path_rate: stochastic depth rate.
+        opt_eps: AdamW's epsilon (timm's ``--opt-eps``).
         ema_decay: keep an EMA of the weights if set: evaluated every epoch too (``ema_*`` metrics), kept in
             the checkpoints, and saved at the end next to the final weights (``output/model_ema``).
         seed: model init, drop path, shuffling and augmentation seed.
@@ -303,6 +320,13 @@ def finetune(
         log_steps: append ``{"step", "epoch", "loss"}`` per step to ``output/steps.jsonl``.
         progress: tqdm progress bar (default: when stderr is a terminal).
         worker_count: grain worker processes of the training loader.
+        distributed: arguments of :func:`swin_jax.distributed.initialize` (``coordinator``, ``num_processes``,
+            ``process_id``, ``heartbeat_timeout_s``; ``{}`` lets JAX detect the cluster), called after every
+            check and before any JAX work. The run then spans every process's devices: ``batch_size`` is the
+            global batch, each process reads only its share of it, and the losses, schedule and weights are
+            those of one process with as many devices. Checkpoints are written by all processes together;
+            ``metrics.jsonl``, ``steps.jsonl``, ``model/`` and ``model_ema/`` by process 0 alone. (Without it, a
+            run whose processes called ``jax.distributed.initialize`` themselves works the same way.)
         **model_overrides: other :func:`swin_jax.create_model` arguments (``embed_dim``, ``depths``,
             ``num_heads``, ``window_size``, ...).
 
@@ -316,7 +340,7 @@ def finetune(
         FinetuneError (a ValueError): bad data or settings, found before any model is built.
     """
     output = Path(output)
-    _check_settings(model, epochs, batch_size, lr, keep, save_every_steps)
+    _check_settings(model, epochs, batch_size, lr, keep, save_every_steps, opt_eps)
     train_ds, val_ds, num_classes = _check_data(train_dir, val_dir, num_classes, batch_size, verify)
     steps_per_epoch = len(train_ds) // batch_size
     total_steps = epochs * steps_per_epoch
@@ -358,7 +382,14 @@ def finetune(
     }
     import jax
 
-    devices = jax.device_count()
+    from .distributed import initialize
+
+    if distributed is not None:
+        try:
+            initialize(**distributed)
+        except ValueError as e:
+            raise FinetuneError(f"distributed: {e}") from None
+    devices, processes, is_main = jax.device_count(), jax.process_count(), jax.process_index() == 0
     if batch_size % devices:
         raise FinetuneError(
             f"batch_size={batch_size} must be divisible by the number of devices ({devices}): each device gets an "
@@ -375,12 +406,12 @@ def finetune(
 
     from .data import create_transform, resolve_data_config
     from .datasets import make_eval_loader, make_loader
-    from .distributed import make_mesh, shard_batch, shard_model
+    from .distributed import make_mesh, shard_batch, shard_model, to_host
     from .factory import create_model
     from .hub import save_pretrained
     from .train import EMA, create_optimizer, mixup_cutmix, train_step
 
-    output.mkdir(parents=True, exist_ok=True)
+    output.mkdir(parents=True, exist_ok=True)  # every process: the directory may be on a host's own disk
     mgr = _manager(ckpt_dir, keep)
     start_step, meta = 0, None
     if resume and mgr.latest_step() is not None:
@@ -401,6 +432,8 @@ def finetune(
         **model_overrides,
     )
     cfg = resolve_data_config(net)
+    # global batches; each process reads only its rows of each (the same batches for any process count)
+    share = dict(shard_index=jax.process_index(), shard_count=processes)
     train_loader = make_loader(
         train_ds,
         transform=create_train_transform(**cfg, **augment),
@@ -410,8 +443,9 @@ def finetune(
         num_epochs=epochs,
         drop_remainder=True,
         worker_count=worker_count,
+        **share,
     )
-    val_loader = make_eval_loader(val_ds, transform=create_transform(**cfg), batch_size=batch_size)
+    val_loader = make_eval_loader(val_ds, transform=create_transform(**cfg), batch_size=batch_size, **share)
     tx = create_optimizer(
         net,
         lr=lr,
@@ -420,6 +454,7 @@ def finetune(
         warmup_steps=warmup_steps // grad_accum_steps,
         total_steps=total_steps // grad_accum_steps,
         clip_grad_norm=clip_grad_norm,
+        eps=opt_eps,
         grad_accum_steps=grad_accum_steps,
     )
     optimizer = nnx.Optimizer(net, tx, wrt=nnx.Param)
@@ -455,7 +490,8 @@ def finetune(
         if ema is not None:
             ema.params = _unflat(ema.params, dict(restored["ema"]))
         acc = dict(meta["epoch_acc"])
-        print(f"resuming from {ckpt_dir / str(start_step)} (step {start_step} of {total_steps})", flush=True)
+        if is_main:
+            print(f"resuming from {ckpt_dir / str(start_step)} (step {start_step} of {total_steps})", flush=True)
 
     def save(step: int) -> Path:
         if mgr.latest_step() != step:
@@ -476,7 +512,7 @@ def finetune(
     if in_main_thread:
         previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     bar = None
-    if progress or (progress is None and sys.stderr.isatty()):
+    if is_main and (progress or (progress is None and sys.stderr.isatty())):
         from tqdm import tqdm
 
         bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
@@ -493,7 +529,6 @@ def finetune(
             status = "stopped"
         else:
             for batch in train_loader.iter_from(step):
-                t0 = time.perf_counter()
                 arrays = (batch["image"], batch["label"])
                 images, targets = shard_batch(arrays, mesh) if mesh is not None else tuple(map(jnp.asarray, arrays))
                 if mix is not None:
@@ -504,28 +539,28 @@ def finetune(
                 if ema is not None and (step + 1) % grad_accum_steps == 0:
                     ema.update(net)
                 step += 1
+                out = to_host(out)
                 loss = float(out["loss"])
                 epoch = (step - 1) // steps_per_epoch + 1
-                n = int(batch["label"].shape[0])
                 acc["loss_sum"] += loss
                 acc["top1"] += float(out["top1"])
                 acc["top5"] += float(out["top5"])
-                acc["n"] += n
+                acc["n"] += batch_size
                 acc["steps"] += 1
-                if log_steps:
+                if log_steps and is_main:
                     _append_jsonl(output / STEPS_FILE, {"step": step, "epoch": epoch, "loss": loss})
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
                     bar.update(1)
                 if step % steps_per_epoch == 0:
-                    last = _end_epoch(net, ema, val_loader, acc, epoch, step, time.perf_counter() - t0, output)
+                    last = _end_epoch(net, ema, val_loader, mesh, acc, epoch, step, output if is_main else None)
                     acc = {"loss_sum": 0.0, "top1": 0.0, "top5": 0.0, "n": 0, "steps": 0}
                     net.train()
                 periodic = save_every_steps is None and step % steps_per_epoch == 0
                 periodic |= save_every_steps is not None and step % save_every_steps == 0
                 if step >= total_steps:
                     break
-                if stop.is_set():
+                if _any_process(stop.is_set(), processes):
                     status = "interrupted"
                     break
                 if max_steps is not None and step >= max_steps:
@@ -549,14 +584,30 @@ def finetune(
         **last,
     }
     if status == "completed":
-        result["model_dir"] = str(save_pretrained(net, output / MODEL_DIR, fmt="flax", force=True))
+        # every process reads the weights (a collective where they are split); process 0 writes them
+        finals = {MODEL_DIR: _host_model(net)}
         if ema is not None:
-            result["ema_model_dir"] = str(save_pretrained(_ema_model(net, ema), output / EMA_MODEL_DIR, force=True))
+            finals[EMA_MODEL_DIR] = _host_model(_ema_model(net, ema))
+        for name, host_net in finals.items():
+            key = "model_dir" if name == MODEL_DIR else "ema_model_dir"
+            result[key] = str((output / name).expanduser().resolve())
+            if is_main:
+                save_pretrained(host_net, output / name, fmt="flax", force=True)
     elif status == "interrupted":
         print(f"stopped by SIGTERM at step {step}; checkpoint {checkpoint}; continue with resume=True", flush=True)
     else:
         print(f"stopped at step {step} (max_steps); checkpoint {checkpoint}", flush=True)
     return result
+
+
+def _any_process(flag: bool, processes: int) -> bool:
+    """``flag`` of any process (a collective with several processes: all must call it at the same step)."""
+    if processes == 1:
+        return flag
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
 
 
 def _ema_model(net, ema):
@@ -568,8 +619,20 @@ def _ema_model(net, ema):
     return ema_net
 
 
-def _end_epoch(net, ema, val_loader, acc, epoch, step, _dt, output: Path) -> dict[str, Any]:
-    val = evaluate(net, val_loader)
+def _host_model(net):
+    """A copy of ``net`` whose arrays are host numpy arrays of the global values (for saving on any process)."""
+    from flax import nnx
+
+    from .distributed import to_host
+
+    host_net = nnx.clone(net)
+    nnx.update(host_net, to_host(nnx.state(net)))
+    return host_net
+
+
+def _end_epoch(net, ema, val_loader, mesh, acc, epoch, step, output: Path | None) -> dict[str, Any]:
+    """Evaluate, and on the writing process (``output`` set) append the epoch's metrics and print them."""
+    val = evaluate(net, val_loader, mesh)
     record = {
         "epoch": epoch,
         "step": step,
@@ -580,8 +643,10 @@ def _end_epoch(net, ema, val_loader, acc, epoch, step, _dt, output: Path) -> dic
         "top5": val["top5"],
     }
     if ema is not None:
-        ema_val = evaluate(_ema_model(net, ema), val_loader)
+        ema_val = evaluate(_ema_model(net, ema), val_loader, mesh)
         record.update({f"ema_{k}" if k != "loss" else "ema_val_loss": v for k, v in ema_val.items()})
+    if output is None:
+        return record
     _append_jsonl(output / METRICS_FILE, record)
     line = (
         f"epoch {epoch} step {step}: train loss {record['loss']:.4f} | val loss {record['val_loss']:.4f} "
@@ -653,6 +718,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         "--grad-accum", type=_positive_int, default=1, metavar="N", help="batches per optimizer update (default: 1)"
     )
     parser.add_argument("--drop-path", type=_non_negative_float, default=0.1, metavar="X", help="stochastic depth")
+    parser.add_argument("--clip-grad", type=_non_negative_float, metavar="NORM", help="clip the global gradient norm")
+    parser.add_argument("--opt-eps", type=_non_negative_float, default=1e-8, metavar="EPS", help="AdamW epsilon")
     parser.add_argument("--ema-decay", type=_non_negative_float, metavar="X", help="keep an EMA of the weights")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", required=True, metavar="DIR", help="checkpoints, metrics and the final model")
@@ -661,6 +728,21 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep", type=_positive_int, default=3, metavar="N", help="checkpoints kept (default: 3)")
     parser.add_argument("--max-steps", type=_positive_int, metavar="N", help="stop after this many steps")
     parser.add_argument("--workers", type=int, default=0, metavar="N", help="grain worker processes")
+    group = parser.add_argument_group(
+        "multi-process (several hosts)",
+        "run the same command on every host; all three of --coordinator, --num-processes and --process-id, or "
+        "--distributed alone to let JAX detect the cluster (SLURM, Cloud TPU, MPI). --batch-size is the global batch.",
+    )
+    group.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordination service")
+    group.add_argument("--num-processes", type=_positive_int, metavar="N", help="number of processes")
+    group.add_argument("--process-id", type=int, metavar="I", help="this process's id, 0 .. N-1")
+    group.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() with no arguments")
+    group.add_argument(
+        "--heartbeat-timeout",
+        type=_positive_int,
+        metavar="S",
+        help="seconds before the others stop when a process falls silent (default: JAX's 100)",
+    )
     parser.add_argument(
         "--model-args",
         metavar="JSON",
@@ -681,6 +763,18 @@ def run_cli(args: argparse.Namespace) -> int:
         if not isinstance(overrides, dict):
             raise CLIError("--model-args must be a JSON object")
         overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+    multi = {"coordinator": args.coordinator, "num_processes": args.num_processes, "process_id": args.process_id}
+    distributed: dict[str, Any] | None = None
+    if any(v is not None for v in multi.values()):
+        if any(v is None for v in multi.values()):
+            raise CLIError("give --coordinator, --num-processes and --process-id together (or --distributed alone)")
+        distributed = multi
+    elif args.distributed:
+        distributed = {}
+    if args.heartbeat_timeout is not None:
+        if distributed is None:
+            raise CLIError("--heartbeat-timeout needs --distributed or --coordinator/--num-processes/--process-id")
+        distributed["heartbeat_timeout_s"] = args.heartbeat_timeout
     pretrained: Any = args.pretrained if args.pretrained is not None else False
     if pretrained == "hub":
         pretrained = True
@@ -707,6 +801,8 @@ def run_cli(args: argparse.Namespace) -> int:
             cutmix=args.cutmix,
             grad_accum_steps=args.grad_accum,
             drop_path_rate=args.drop_path,
+            clip_grad_norm=args.clip_grad,
+            opt_eps=args.opt_eps,
             ema_decay=args.ema_decay,
             seed=args.seed,
             output=args.output,
@@ -715,6 +811,7 @@ def run_cli(args: argparse.Namespace) -> int:
             keep=args.keep,
             max_steps=args.max_steps,
             worker_count=args.workers,
+            distributed=distributed,
             **overrides,
         )
     except FinetuneError as e:
