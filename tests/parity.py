@@ -116,3 +116,46 @@ def assert_parity(model: swin_jax.SwinTransformer, tmodel: torch.nn.Module, x: n
     for i, (a, b) in enumerate(zip(ours["maps"], ref["maps"])):
         errs[f"stage{i}"] = assert_close(a, b, what=f"stage {i} map")
     return errs
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Equivalence of training runs (n devices vs 1, accumulation vs one batch, n processes vs 1)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def adamw_divergence_bound(
+    grad_diffs: Any, lrs: Any, *, eps: float, weight_decay: float, param_max: float, b1: float = 0.9, b2: float = 0.999
+) -> float:
+    """How far apart one parameter tensor of two AdamW runs (optax chain of :func:`swin_jax.train.create_optimizer`,
+    no clipping) may be after ``len(lrs)`` steps from the same start, when the gradients fed to step ``t`` differed
+    by at most ``grad_diffs[t]`` (max abs over the tensor). ``lrs[t]`` is the step's learning rate times the
+    tensor's lr scale.
+
+    Derivation. Adam is element-wise: after ``t`` steps the update direction is ``f = m / (sqrt(v) + eps)`` with
+    bias-corrected ``m = sum_k a_k g_k`` and ``v = sum_k b_k g_k^2`` (``a_k = (1-b1) b1^(t-k) / (1-b1^t)``, which sum
+    to 1; ``b_k`` likewise with ``b2``). Then ``df/dg_k = a_k / (sqrt(v) + eps) - m b_k g_k / (sqrt(v) (sqrt(v) +
+    eps)^2)``. The first term is at most ``a_k / eps``. For the second, Cauchy-Schwarz gives ``|m| <= C sqrt(v)``
+    with ``C = sqrt(sum_k a_k^2 / b_k)``, and ``|b_k g_k| <= sqrt(b_k) sqrt(v)``, so it is at most ``C sqrt(b_k)
+    sqrt(v) / (sqrt(v) + eps)^2 <= C sqrt(b_k) / (4 eps)``. By the mean value theorem ``|delta f| <= G_t
+    max_k |delta g_k|`` with ``G_t = (1 + C sum_k sqrt(b_k) / 4) / eps``. The step ``p -= lr (f + wd p)`` adds
+    ``lr wd |delta p|`` (decoupled weight decay), fp32 evaluation of ``f`` (|f| <= C) adds ``lr C 8 u`` and storing
+    each run's new ``p`` adds 2 ulps of the largest parameter (``u = 2^-24``):
+
+        D_t = D_{t-1} (1 + lr_t wd) + lr_t G_t max_{k<=t} grad_diffs[k] + lr_t C 8 u + 2 ulp(param_max).
+
+    ``eps`` makes the bound tight or loose: with ``eps = 1e-3`` and ``lr = 1e-3`` the gain ``lr G`` is about 1
+    (the parameter difference is the gradient noise itself); with Adam's default 1e-8 it is 1e5, because a
+    gradient that is zero in exact arithmetic (Swin's key bias) is pure rounding noise that Adam scales up to
+    an O(lr) step. Equivalence tests therefore use ``eps = 1e-3``.
+    """
+    u = 2.0**-24
+    spacing = float(np.spacing(np.float32(param_max)))
+    d = 0.0
+    for t, lr in enumerate(lrs, start=1):
+        age = np.arange(t)[::-1]  # t - k for k = 1..t
+        a = (1 - b1) * b1**age / (1 - b1**t)
+        b = (1 - b2) * b2**age / (1 - b2**t)
+        c = float(np.sqrt(np.sum(a * a / b)))
+        gain = (1.0 + c * float(np.sum(np.sqrt(b))) / 4.0) / eps
+        d = d * (1 + lr * weight_decay) + lr * gain * float(np.max(grad_diffs[:t])) + lr * c * 8 * u + 2 * spacing
+    return d

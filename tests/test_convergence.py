@@ -1,7 +1,17 @@
 """Convergence on real data shipped offline: a small Swin trained from scratch on scikit-learn's digits
-(1797 real 8x8 scans of handwritten digits, upscaled to 16x16) with the training library reaches >= 90%
-held-out accuracy in about a minute and a half on a 2-core CPU. Seeds fix everything (data split, init,
-drop path, batch order), so the run is reproducible; the recipe reached 91.9% when it was written."""
+(1797 real 8x8 scans of handwritten digits, upscaled to 16x16) with the training library learns to classify
+held-out digits, in about 80 s on a 2-core CPU. Seeds fix everything (data split, init, drop path, batch order),
+so a run is reproducible on one machine; fp32 rounding differs across CPUs (XLA:CPU picks kernels by ISA), and
+after 840 steps that moves the accuracy by a few points.
+
+Measured spread of this recipe (held-out top-1, 397 digits; seed s = ``nnx.Rngs(s)`` and batch order
+``default_rng(1 + 100 s)``, the test runs s = 0):
+- AMD EPYC, family 25 model 1 (AVX2, no AVX-512): s=0 0.904, s=1 0.935, s=2 0.872;
+- the same with ``XLA_FLAGS=--xla_cpu_max_isa=SSE4_2``: 0.899, 0.942, 0.899;
+- AMD EPYC with AVX-512 (issue 11): s=0 0.887; the Intel Xeon it was written on: s=0 0.919.
+Worst 0.872, mean 0.907: the test asserts 0.80, 7 points under the worst run (chance is 0.10), and a final
+training loss under 0.5 (measured 0.03 to 0.20).
+"""
 
 from __future__ import annotations
 
@@ -39,7 +49,7 @@ def test_small_swin_learns_digits_from_scratch():
     tx = create_optimizer(model, lr=2e-3, weight_decay=0.05, warmup_steps=50, total_steps=epochs * steps_per_epoch)
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     model.train()
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(1)  # = 1 + 100 * seed for seed 0
     for _ in range(epochs):
         order = rng.permutation(len(y_train))
         for i in range(steps_per_epoch):
@@ -49,4 +59,4 @@ def test_small_swin_learns_digits_from_scratch():
     result = eval_step(model, (x_test, y_test))
     accuracy = float(result["top1"]) / len(y_test)
     assert float(metrics["loss"]) < 0.5
-    assert accuracy >= 0.90, f"held-out accuracy {accuracy:.3f} < 0.90"
+    assert accuracy >= 0.80, f"held-out accuracy {accuracy:.3f} < 0.80 (runs measured 0.872 to 0.942)"

@@ -318,25 +318,30 @@ def test_cli_training_flags_reach_finetune(data, tmp_path):
     assert not out.exists()
 
 
-def test_data_parallel_on_4_devices_with_resume_matches_one_device(data, full_run, tmp_path):
-    """The same command on 4 simulated devices (batch split over a data mesh, checkpoints of sharded
-    arrays restored on resume) gives the 1-device run's step losses."""
-    out_a, _ = full_run
-    cmd = [
-        sys.executable, "-m", "swin_jax", "finetune", "--model", ARCH, "--train-dir", str(data[0]),
-        "--val-dir", str(data[1]), "--img-size", "32", "--epochs", "2", "--batch-size", "4", "--lr", "1e-3",
-        "--seed", "3", "--output", str(tmp_path), "--model-args", json.dumps(TINY),
-    ]  # fmt: skip
-    env = {**_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    first = subprocess.run([*cmd, "--max-steps", "2"], env=env, capture_output=True, text=True, timeout=300)
-    assert first.returncode == 0, first.stderr[-2000:]
-    second = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=300)
-    assert second.returncode == 0, second.stderr[-2000:]
-    assert json.loads(second.stdout.strip().splitlines()[-1])["status"] == "completed"
-    a, b = _step_losses(out_a), _step_losses(tmp_path)
-    assert sorted(b) == [1, 2, 3, 4]
-    # reduction order differs across devices: equal up to fp32 rounding
-    np.testing.assert_allclose([b[s] for s in range(1, 5)], [a[s] for s in range(1, 5)], rtol=1e-4)
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--coordinator", "127.0.0.1:1234"], "give --coordinator, --num-processes and --process-id together"),
+        (["--num-processes", "2", "--process-id", "0"], "give --coordinator, --num-processes and --process-id"),
+        (["--heartbeat-timeout", "5"], "--heartbeat-timeout needs --distributed or --coordinator"),
+        (
+            ["--coordinator", "localhost", "--num-processes", "2", "--process-id", "0"],
+            "distributed: the coordinator must be host:port (e.g. 10.0.0.1:1234), got 'localhost'",
+        ),
+        (
+            ["--coordinator", "127.0.0.1:1234", "--num-processes", "2", "--process-id", "2"],
+            "distributed: need 0 <= process id < number of processes, got 2 of 2",
+        ),
+        (["--opt-eps", "0"], "opt_eps must be > 0, got 0.0"),
+    ],
+)
+def test_cli_multi_process_and_optimizer_flags_are_checked_before_anything_runs(data, tmp_path, capsys, flags, message):
+    from swin_jax.cli import main
+
+    out = tmp_path / "out"
+    assert main(_cli(data, out, *flags)[3:]) == 2
+    assert f"finetune: error: {message}" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_batch_not_divisible_by_devices_is_refused_before_building(data, tmp_path):
