@@ -319,6 +319,29 @@ def test_attention_weights_are_timms_softmax(variant):
         assert_close(ours.reshape(ref.shape), ref.numpy(), what=f"stage {i} block {j} attention")
 
 
+@pytest.mark.parametrize(
+    "dtype, shapes",
+    [(jnp.float32, [(1,), (169, 3), (96, 288), (4, 4, 3, 96), (10, 0)]), (jnp.bfloat16, [(7,), (2, 2, 5, 7)])],
+)
+def test_initializers_draw_flax_values(dtype, shapes):
+    """The model's initializers (one compiled sampler per power-of-two size) give exactly the values of flax's
+    ``truncated_normal(stddev=0.02)`` and ``variance_scaling(1/3, 'fan_in', 'uniform')`` for the same key."""
+    from swin_jax.model import _torch_conv_default, _trunc_normal_02
+
+    trunc = nnx.initializers.truncated_normal(stddev=0.02)
+    conv = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+    for i, shape in enumerate(shapes):
+        key = jax.random.key(i)
+        for ours, ref in ((_trunc_normal_02, trunc), (_torch_conv_default, conv)):
+            if ours is _torch_conv_default and len(shape) != 4:
+                continue
+            a, b = ours(key, shape, dtype), ref(key, shape, dtype)
+            assert a.shape == b.shape and a.dtype == b.dtype == dtype
+            np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32), err_msg=str(shape))
+    x = np.asarray(_trunc_normal_02(jax.random.key(0), (256, 256)))
+    assert np.abs(x).max() <= 0.04 and 0.015 < x.std() < 0.02  # truncated at 2 std
+
+
 def test_jit_equals_eager(small_pair):
     _, model, x = small_pair
     jitted = np.asarray(jax.jit(lambda m, x: m(x))(model, x))

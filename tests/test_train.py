@@ -75,6 +75,12 @@ def _jax_grads(model: nnx.Module, x: np.ndarray, y: np.ndarray) -> nnx.State:
     return _grads(model, jnp.asarray(x), jnp.asarray(y))
 
 
+@nnx.jit
+def _apply(model: nnx.Module, optimizer: nnx.Optimizer, grads: nnx.State) -> None:
+    """``optimizer.update`` compiled once (eager, each of its hundreds of ops would compile on its own)."""
+    optimizer.update(model, grads)
+
+
 def _as_timm(model: nnx.Module, grads: nnx.State) -> dict[str, np.ndarray]:
     """Gradients in timm names and layouts: load them into a copy of the model and export it."""
     holder = nnx.clone(model)
@@ -168,7 +174,7 @@ def test_adamw_steps_match_torch(pair, batch):
         norm = torch.nn.utils.clip_grad_norm_(tm.parameters(), clip)
         assert float(norm) > clip  # clipping is active
         topt.step()
-        optimizer.update(model, grads)
+        _apply(model, optimizer, grads)
         ours = to_timm_state_dict(model)
         for name, p in tm.named_parameters():
             ref = p.detach().numpy()
@@ -250,7 +256,9 @@ def test_bf16_compute_trains_with_fp32_master_weights():
         model = _tiny(dtype=dtype)
         optimizer = nnx.Optimizer(model, create_optimizer(model, lr=2e-3, total_steps=50), wrt=nnx.Param)
         model.train()
-        losses[name] = [float(train_step(model, optimizer, batch, num_classes=10)["loss"]) for _ in range(6)]
+        # (label smoothing as in the test above: the fp32 step is then the program compiled there)
+        step = [train_step(model, optimizer, batch, label_smoothing=0.1, num_classes=10) for _ in range(6)]
+        losses[name] = [float(m["loss"]) for m in step]
         assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))
         assert model(batch[0]).dtype == (jnp.bfloat16 if name == "bf16" else jnp.float32)
     assert losses["bf16"][-1] < 0.9 * losses["bf16"][0], losses
@@ -267,14 +275,14 @@ def test_grad_accumulation_equals_one_big_step():
     Lipschitz in the gradient, so the fp32 noise of gradients that are 0 in exact arithmetic (the key bias) is
     not blown up. An injected bug, the head's learning rate 5% high, fails the same check."""
     x, y = _tiny_batch(8)
+    halves = (slice(0, 4), slice(4, 8))
     kw = dict(lr=1e-3, layer_decay=0.75, total_steps=20, clip_grad_norm=1.0, eps=1e-3)
     accum, single, buggy = _tiny(), _tiny(), _tiny()
     groups = param_groups(single, weight_decay=0.05, layer_decay=0.75)
     lr0 = float(create_schedule(lr=1e-3, total_steps=20)(0))
     start = to_timm_state_dict(accum)
-    g_full, g_a, g_b = (
-        _as_timm(single, _jax_grads(single, xs, ys)) for xs, ys in ((x, y), (x[:4], y[:4]), (x[4:], y[4:]))
-    )
+    full = _jax_grads(single, x, y)
+    g_full, g_a, g_b = _as_timm(single, full), *(_as_timm(single, _jax_grads(single, x[s], y[s])) for s in halves)
     for name in g_full:
         assert rel_err((g_a[name] + g_b[name]) / 2, g_full[name]) <= FP32_REL_TOL, name
 
@@ -285,8 +293,9 @@ def test_grad_accumulation_equals_one_big_step():
     train_step(accum, opt_a, (x[:4], y[:4]), num_classes=10)
     assert all(np.array_equal(v, start[k]) for k, v in to_timm_state_dict(accum).items())  # no update yet
     train_step(accum, opt_a, (x[4:], y[4:]), num_classes=10)
-    train_step(single, opt_s, (x, y), num_classes=10)
-    train_step(buggy, opt_b, (x, y), num_classes=10)
+    # the big batch's step (train_step's update of its gradient; compiled without the forward, which is checked above)
+    _apply(single, opt_s, full)
+    _apply(buggy, opt_b, full)
 
     def problems(got: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> list[str]:
         out = []
