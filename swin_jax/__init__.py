@@ -10,6 +10,7 @@ This package never imports torch.
 """
 
 from .data import create_transform, imagenet_class_names, imagenet_synsets, resolve_data_config
+from .export import export_model
 from .factory import create_model
 from .inference import CompiledForward, compile_forward
 from .model import SwinTransformer
@@ -25,6 +26,7 @@ __all__ = [
     "compile_forward",
     "create_model",
     "create_transform",
+    "export_model",
     "imagenet_class_names",
     "imagenet_synsets",
     "list_models",

@@ -4,6 +4,12 @@ Commands:
 
 * ``predict IMAGE [IMAGE ...] [--model NAME] [--weights PATH] [--top-k K]``: classify images with a
   pretrained Swin and print the top-k classes of each.
+* ``export NAME OUTPUT_DIR [--weights SRC | --pretrained] [--dtype bfloat16] [--platforms cpu,cuda,tpu]
+  [--batch-size N] [--method forward_features] [--force]``: one ``jax.export`` artifact (:mod:`swin_jax.export`).
+* ``finetune ...``: fine-tuning (:mod:`swin_jax.finetune`).
+* ``convert ...``: the weight converter (:mod:`swin_jax.convert`).
+
+Installed as the ``swin-jax`` command (``swin-jax predict | finetune | export | convert``).
 
 Every command is a pair ``(add its parser, run it)`` registered in :data:`COMMANDS`; ``run`` returns
 the exit code. Errors meant for people (a missing image, an unknown model, no network, a bad weights
@@ -97,8 +103,8 @@ def _read_images(paths: Sequence[str]) -> list[Any]:
     return images
 
 
-def _load_model(name: str, weights: str | None) -> Any:
-    """``create_model(name, pretrained=weights or True)`` with errors for people."""
+def _load_model(name: str, weights: str | None, pretrained: bool = True, **kwargs: Any) -> Any:
+    """``create_model(name, pretrained=weights or pretrained, **kwargs)`` with errors for people."""
     from .factory import create_model
     from .hub import CheckpointError, HubUnavailableError
     from .registry import split_model_name
@@ -108,7 +114,7 @@ def _load_model(name: str, weights: str | None) -> Any:
     except ValueError as e:
         raise CLIError(str(e)) from None
     try:
-        return create_model(name, pretrained=weights if weights is not None else True)
+        return create_model(name, pretrained=weights if weights is not None else pretrained, **kwargs)
     except HubUnavailableError as e:
         raise CLIError(f"{e}\nWith this command, pass a local checkpoint as --weights PATH.") from None
     except CheckpointError as e:
@@ -161,6 +167,80 @@ def _run_predict(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# export
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="NAME", help="architecture or arch.tag, see swin_jax.list_models()")
+    parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="directory to create: model.jaxexport + config.json")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
+        "--weights",
+        metavar="SRC",
+        help="local weights (Flax checkpoint, timm Hub-layout dir, .safetensors / .bin / .pth) or hf-hub:org/repo "
+        "(default: random weights)",
+    )
+    source.add_argument("--pretrained", action="store_true", help="the tag's weights from the Hugging Face Hub")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    parser.add_argument(
+        "--platforms",
+        default="cpu,cuda,tpu",
+        metavar="LIST",
+        help="comma-separated platforms the artifact runs on (default: cpu,cuda,tpu; no such device needed here)",
+    )
+    parser.add_argument(
+        "--batch-size", type=_positive_int, default=None, metavar="N", help="fixed batch size (default: symbolic)"
+    )
+    parser.add_argument(
+        "--method",
+        choices=("__call__", "forward_features"),
+        default="__call__",
+        help="what the artifact computes: logits (__call__, the default) or the final feature map",
+    )
+    parser.add_argument("--force", action="store_true", help="replace OUTPUT_DIR if it exists")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    out = Path(args.output_dir).expanduser()
+    if out.exists() and not args.force:
+        raise CLIError(f"{out} exists; choose another directory or pass --force to replace it")
+
+    import jax.numpy as jnp
+
+    from .export import ExportError, _check_platforms, save_export
+
+    try:
+        platforms = _check_platforms(args.platforms.split(","))
+    except ExportError as e:
+        raise CLIError(str(e)) from None
+    model = _load_model(args.model, args.weights, pretrained=args.pretrained, dtype=jnp.dtype(args.dtype))
+    if args.weights is None and not args.pretrained:
+        print(f"{args._prog}: note: random weights (no --weights or --pretrained)", file=sys.stderr)
+    batch = "a symbolic batch" if args.batch_size is None else f"batch {args.batch_size}"
+    print(f"lowering {args.model} ({args.dtype}, {batch}) for {', '.join(platforms)} ...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    try:
+        path = save_export(
+            model,
+            out,
+            name=args.model,
+            platforms=platforms,
+            batch_size=args.batch_size,
+            method=args.method,
+            force=args.force,
+        )
+    except ExportError as e:
+        raise CLIError(str(e)) from None
+    size = (path / "model.jaxexport").stat().st_size
+    print(f"wrote {path} (model.jaxexport {size / 1e6:.1f} MB, config.json) in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------------------------
 
@@ -177,22 +257,50 @@ def _run_finetune(args: argparse.Namespace) -> int:
     return run_cli(args)
 
 
+def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
+    # listed for --help; main() hands everything after "convert" to the converter's own parser
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="see: convert --help")
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from .convert.cli import main as convert_main
+
+    return convert_main(args.args, prog=args._prog)
+
+
 COMMANDS: dict[str, Command] = {
     "predict": Command(
         "classify images with a pretrained Swin (top-k ImageNet classes)", _add_predict_arguments, _run_predict
+    ),
+    "export": Command(
+        "export a model (weights inside) as one StableHLO artifact that jax alone loads and runs",
+        _add_export_arguments,
+        _run_export,
     ),
     "finetune": Command(
         "fine-tune a Swin on an ImageFolder dataset (Orbax checkpoints, --resume, stops cleanly on SIGTERM)",
         _add_finetune_arguments,
         _run_finetune,
     ),
+    "convert": Command(
+        "convert weights between timm (PyTorch, the Hub, Microsoft's files) and Flax, optionally --verify-ed",
+        _add_convert_arguments,
+        _run_convert,
+    ),
 }
+
+
+def _prog() -> str:
+    """``swin-jax`` when run as the installed command, else ``python -m swin_jax``."""
+    import os
+
+    return "swin-jax" if os.path.basename(sys.argv[0]) == "swin-jax" else PROG
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser: one subparser per entry of :data:`COMMANDS`."""
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Swin Transformers in JAX / Flax NNX, numerically identical to timm."
+        prog=_prog(), description="Swin Transformers in JAX / Flax NNX, numerically identical to timm."
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, command in COMMANDS.items():
@@ -206,6 +314,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (``sys.argv[1:]`` when None); return the exit code."""
     from .hub import CheckpointError, HubUnavailableError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["convert"]:  # the converter parses its own arguments (--help included), exit codes 0 / 2 / 3
+        from .convert.cli import main as convert_main
+
+        try:
+            return convert_main(argv[1:], prog=f"{_prog()} convert")
+        except SystemExit as e:
+            return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_ERROR)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

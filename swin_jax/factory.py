@@ -127,7 +127,7 @@ def create_model(
             (``'swin_base_patch4_window7_224.ms_in22k_ft_in1k'``). See :func:`swin_jax.list_models`.
         pretrained: False for random init; True for the tag's (or the default tag's) Hub weights;
             ``'hf-hub:org/repo'``; or a local path (timm Hub-layout directory, a ``.safetensors`` /
-            ``.bin`` / ``.pth`` file, or a Flax checkpoint written by ``python -m convert``).
+            ``.bin`` / ``.pth`` file, or a Flax checkpoint written by ``swin-jax convert``).
         num_classes: classifier classes; the tag's count if None; 0 for no classifier.
         in_chans: input channels.
         img_size: input size ``H`` or ``(H, W)``; the architecture's if None.

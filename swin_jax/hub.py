@@ -9,7 +9,7 @@ Sources for ``create_model(name, pretrained=...)``:
   read with safetensors' numpy API, ``config.json`` honoured. No torch anywhere on this path.
 * ``"hf-hub:org/repo"``: any repo in timm's layout.
 * a path: a directory in timm's Hub layout (``config.json`` + ``model.safetensors`` or
-  ``pytorch_model.bin``), a Flax checkpoint directory written by ``python -m convert``
+  ``pytorch_model.bin``), a Flax checkpoint directory written by ``swin-jax convert``
   (``config.json`` + ``flax_model.safetensors``), or one ``.safetensors`` / ``.bin`` / ``.pth`` / ``.pt``
   file. Pickled files need torch and are opened only with ``torch.load(weights_only=True)``.
 
@@ -114,8 +114,8 @@ def _read_pickle(path: Path) -> dict[str, np.ndarray]:
     except ImportError:
         raise CheckpointError(
             f"{path} is a pickled PyTorch checkpoint, and reading one needs torch, which is not installed. "
-            f"Install torch, or convert it once where torch is available: "
-            f"python -m convert timm-to-flax {path} OUTPUT_DIR"
+            f"Install it (pip install 'swin-jax[dev]', or torch), or convert the file once where torch is available: "
+            f"swin-jax convert timm-to-flax {path} OUTPUT_DIR"
         ) from None
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)

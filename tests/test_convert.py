@@ -306,7 +306,7 @@ def test_flax_to_timm_needs_a_flax_checkpoint(hub_dir, out):
 
 
 def test_usage_errors(capsys, out):
-    from convert.__main__ import main
+    from swin_jax.convert.cli import main
 
     for argv in (["timm-to-flax", "x"], ["timm-to-flax", "x", str(out), "--model-args", "{bad"]):
         with pytest.raises(SystemExit) as exc:
@@ -328,13 +328,13 @@ def _perturb(model: swin_jax.SwinTransformer) -> swin_jax.SwinTransformer:
 
 
 def test_verify_tolerance_is_the_suites():
-    from convert.verify import REL_TOL
+    from swin_jax.convert.verify import REL_TOL
 
     assert REL_TOL == FP32_REL_TOL
 
 
 def test_verify_reports_a_difference(tmodel, hub_dir):
-    from convert.verify import compare, verify_inputs
+    from swin_jax.convert.verify import compare, verify_inputs
 
     model = swin_jax.create_model(ARCH, pretrained=str(hub_dir))
     x = verify_inputs(model)
@@ -345,11 +345,11 @@ def test_verify_reports_a_difference(tmodel, hub_dir):
 
 
 def test_failed_verify_exits_3_and_writes_nothing(hub_dir, out, monkeypatch, capsys):
-    import convert.commands
-    from convert.__main__ import main
+    from swin_jax.convert import commands
+    from swin_jax.convert.cli import main
 
-    load = convert.commands._load
-    monkeypatch.setattr(convert.commands, "_load", lambda source: _perturb(load(source)))
+    load = commands._load
+    monkeypatch.setattr(commands, "_load", lambda source: _perturb(load(source)))
     assert main(["timm-to-flax", str(hub_dir), str(out), "--verify"]) == 3
     captured = capsys.readouterr()
     assert "FAIL" in captured.out

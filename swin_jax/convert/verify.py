@@ -69,8 +69,27 @@ class Report:
         return "\n".join(lines)
 
 
+def _require_dev() -> None:
+    """``--verify`` runs timm (torch) on a photo from scikit-image: say what to install when they are missing."""
+    import importlib.util
+
+    def installed(name: str) -> bool:
+        try:
+            return importlib.util.find_spec(name) is not None
+        except ImportError:
+            return False
+
+    missing = [m for m in ("torch", "timm", "skimage") if not installed(m)]
+    if missing:
+        raise ModuleNotFoundError(
+            f"--verify compares with timm and needs torch, timm and scikit-image ({', '.join(missing)} not installed): "
+            "pip install 'swin-jax[dev]', or convert without --verify"
+        )
+
+
 def timm_reference(source: Source, model: swin_jax.SwinTransformer) -> Any:
     """timm's model for ``source``'s weights, loaded as timm loads them (strict), in eval mode."""
+    _require_dev()
     import timm
     import torch
     from timm.models.swin_transformer import checkpoint_filter_fn

@@ -17,7 +17,7 @@ from swin_jax import hub
 from swin_jax.weights import to_flax_state_dict
 
 from .sources import Source, infer_architecture, read_config, resolve_source
-from .verify import Report, VerifyError, verify
+from .verify import Report, VerifyError, _require_dev, verify
 
 __all__ = ["timm_to_flax", "flax_to_timm", "check_output_dir"]
 
@@ -73,12 +73,14 @@ def timm_to_flax(
     verify_with_timm: bool = False,
     force: bool = False,
 ) -> tuple[Path, Report | None]:
-    """Convert SOURCE (see :mod:`convert.sources`) to a Flax checkpoint in ``output_dir``.
+    """Convert SOURCE (see :mod:`swin_jax.convert.sources`) to a Flax checkpoint in ``output_dir``.
 
     With ``verify_with_timm``, the converted model is compared with timm before anything is written
     (:class:`VerifyError` if it differs), and the written checkpoint is read back and checked bit-exact.
     """
     output = check_output_dir(output_dir, force)
+    if verify_with_timm:
+        _require_dev()  # before the (slow) load: say at once what --verify needs
     src = resolve_source(source, model, model_args)
     flax_model = _load(src)
     report = None
@@ -103,7 +105,7 @@ def flax_to_timm(flax_dir: str | Path, output_dir: str | Path, *, force: bool = 
     if not (path / hub.FLAX_WEIGHTS_NAME).is_file():
         raise hub.CheckpointError(
             f"{path} is not a Flax checkpoint (no {hub.FLAX_WEIGHTS_NAME}); write one with "
-            f"python -m convert timm-to-flax SOURCE {path}"
+            f"swin-jax convert timm-to-flax SOURCE {path}"
         )
     arch = read_config(path / hub.CONFIG_NAME).get("architecture")
     if not arch:

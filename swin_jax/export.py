@@ -1,0 +1,169 @@
+"""Serving export: the model as one StableHLO artifact (``jax.export``) with its weights inside.
+
+The artifact's only input is the NHWC float32 image batch (preprocessed as :func:`swin_jax.create_transform`
+does). Loading it needs jax alone, no flax, no swin_jax, no model code::
+
+    import jax
+    exported = jax.export.deserialize(open("model.jaxexport", "rb").read())
+    logits = exported.call(images)  # images: float32 [B, H, W, 3], any B with a symbolic batch
+
+:func:`export_model` returns the ``jax.export.Exported``; :func:`save_export` writes ``model.jaxexport`` and a
+``config.json`` that says how to feed it (input size, mean / std, interpolation, crop_pct, classes, platforms,
+versions), atomically. ``python -m swin_jax export`` is the command for both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+__all__ = ["DEFAULT_PLATFORMS", "EXPORT_FILE", "EXPORT_CONFIG", "ExportError", "export_model", "save_export"]
+
+DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+EXPORT_FILE = "model.jaxexport"
+EXPORT_CONFIG = "config.json"
+METHODS = ("__call__", "forward_features")
+
+
+class ExportError(ValueError):
+    """An export that cannot be done as asked (unknown platform or method, bad batch size, existing output)."""
+
+
+def _check_platforms(platforms: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(platforms, str):
+        platforms = (platforms,)
+    platforms = tuple(p.strip().lower() for p in platforms)
+    unknown = [p for p in platforms if p not in PLATFORMS]
+    if unknown or not platforms:
+        raise ExportError(f"unknown platform(s) {unknown or platforms!r}; expected some of {', '.join(PLATFORMS)}")
+    if len(set(platforms)) != len(platforms):
+        raise ExportError(f"platforms listed twice: {platforms!r}")
+    return platforms
+
+
+def export_model(
+    model: nnx.Module,
+    *,
+    platforms: Sequence[str] = DEFAULT_PLATFORMS,
+    batch_size: int | None = None,
+    method: str = "__call__",
+) -> jax.export.Exported:
+    """Lower ``model`` (weights embedded as constants) to a serializable ``jax.export.Exported``.
+
+    Args:
+        model: a swin_jax model (fp32 or bf16 compute), exported in eval mode; a ``features_only`` model returns its
+            list of stage maps.
+        platforms: the platforms the artifact runs on; lowering for them needs no such device here.
+        batch_size: a fixed batch size, or None for a symbolic batch dimension (one artifact for any batch).
+        method: ``"__call__"`` (logits; stage maps for ``features_only``) or ``"forward_features"``.
+
+    Returns:
+        The ``Exported``: ``.call(images)`` runs it, ``.serialize()`` gives the bytes to ship. Its only input is a
+        float32 ``[B, H, W, in_chans]`` batch at the model's input size.
+    """
+    platforms = _check_platforms(platforms)
+    if method not in METHODS:
+        raise ExportError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    if method == "forward_features" and getattr(model, "features_only", False):
+        raise ExportError("a features_only model has no forward_features: export its __call__ (the stage maps)")
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ExportError(f"batch_size must be a positive int or None (symbolic), got {batch_size!r}")
+    graphdef, state = nnx.split(model)
+
+    def serve(images: jax.Array) -> Any:
+        module = nnx.merge(graphdef, state)  # state: closed over, so the weights are embedded as constants
+        module.eval()  # serving is inference: no dropout / drop path, whatever mode the model was left in
+        return getattr(module, method)(images)
+
+    (batch,) = jax.export.symbolic_shape("batch") if batch_size is None else (batch_size,)
+    h, w = model.img_size
+    spec = jax.ShapeDtypeStruct((batch, h, w, model.in_chans), jnp.float32)
+    return jax.export.export(jax.jit(serve), platforms=platforms)(spec)
+
+
+def _config(model: nnx.Module, exported: jax.export.Exported, name: str, method: str) -> dict[str, Any]:
+    from . import __version__
+    from .data import resolve_data_config
+
+    data = resolve_data_config(model)
+    (aval,) = exported.in_avals
+    batch = aval.shape[0]
+    return {
+        "model": name,
+        "method": method,
+        "input_shape": ["batch" if not isinstance(batch, int) else batch, *aval.shape[1:]],
+        "input_dtype": "float32",
+        "layout": "NHWC",
+        "input_size": list(data["input_size"]),
+        "mean": list(data["mean"]),
+        "std": list(data["std"]),
+        "interpolation": data["interpolation"],
+        "crop_pct": data["crop_pct"],
+        "crop_mode": data.get("crop_mode", "center"),
+        "num_classes": int(model.num_classes),
+        "features_only": bool(getattr(model, "features_only", False)),
+        "compute_dtype": jnp.dtype(model.dtype).name,
+        "platforms": list(exported.platforms),
+        "swin_jax_version": __version__,
+        "jax_version": jax.__version__,
+        "load": "jax.export.deserialize(open('model.jaxexport', 'rb').read()).call(images)",
+    }
+
+
+def save_export(
+    model: nnx.Module,
+    output_dir: str | os.PathLike,
+    *,
+    name: str,
+    platforms: Sequence[str] = DEFAULT_PLATFORMS,
+    batch_size: int | None = None,
+    method: str = "__call__",
+    force: bool = False,
+) -> Path:
+    """Export ``model`` and write ``OUTPUT_DIR/model.jaxexport`` and ``OUTPUT_DIR/config.json``.
+
+    The directory appears complete or not at all: both files are written to a temporary sibling that is renamed
+    into place. An existing ``output_dir`` is refused unless ``force`` (then it is replaced).
+
+    Args:
+        model: the model (see :func:`export_model`).
+        output_dir: the directory to create.
+        name: the model name recorded in config.json (``arch`` or ``arch.tag``).
+        platforms, batch_size, method: as :func:`export_model`.
+        force: replace an existing ``output_dir``.
+
+    Returns:
+        ``output_dir`` as a resolved path.
+    """
+    out = Path(output_dir).expanduser().resolve()
+    if out.exists() and not force:
+        raise ExportError(f"{out} exists; choose another directory or pass force=True (--force) to replace it")
+    exported = export_model(model, platforms=platforms, batch_size=batch_size, method=method)
+    blob = exported.serialize()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        (tmp / EXPORT_FILE).write_bytes(blob)
+        (tmp / EXPORT_CONFIG).write_text(json.dumps(_config(model, exported, name, method), indent=2) + "\n")
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
