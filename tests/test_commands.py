@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -118,3 +119,38 @@ def test_verify_without_torch_says_what_to_install(flax_dir, tmp_path):
     proc = _run(cmd, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "flax_model.safetensors").is_file()
+
+
+def test_wheel_installs_swin_jax_only(tmp_path):
+    """The wheel pip would install: the package (the converter and the labels included) and the swin-jax command;
+    no top-level ``convert`` package beside it. Built from a copy of the sources (a build writes into its tree)."""
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "swin_jax", src / "swin_jax", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "convert", src / "convert", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (wheel,) = tmp_path.glob("swin_jax-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {name.split("/")[0] for name in names if not name.startswith("swin_jax-")} == {"swin_jax"}
+    assert "swin_jax/convert/cli.py" in names and "swin_jax/export.py" in names
+    assert any(name.startswith("swin_jax/_labels/") for name in names)
+    entry_points = next(name for name in names if name.endswith("entry_points.txt"))
+    assert "swin-jax = swin_jax.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
