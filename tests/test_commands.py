@@ -154,3 +154,18 @@ def test_wheel_installs_swin_jax_only(tmp_path):
     assert any(name.startswith("swin_jax/_labels/") for name in names)
     entry_points = next(name for name in names if name.endswith("entry_points.txt"))
     assert "swin-jax = swin_jax.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+
+
+def test_pickled_checkpoint_without_torch_says_what_to_install(tmp_path):
+    import torch
+
+    pth = tmp_path / "weights.pth"
+    torch.save({"patch_embed.proj.weight": torch.zeros(1)}, pth)
+    out = tmp_path / "out"
+    proc = _run(
+        [sys.executable, "-c", NO_TORCH, "convert", "timm-to-flax", str(pth), str(out), "--model", ARCH], tmp_path
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "pickled PyTorch checkpoint" in proc.stderr and "pip install 'swin-jax[dev]'" in proc.stderr
+    assert f"swin-jax convert timm-to-flax {pth}" in proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()

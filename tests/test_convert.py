@@ -25,6 +25,9 @@ from safetensors.numpy import load_file
 
 import swin_jax
 
+# one xdist worker runs this module: its module-scoped fixtures are built once (pyproject: --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("test_convert")
+
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = "swin_tiny_patch4_window7_224"
 SMALL = dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(2, 2, 4, 4))

@@ -16,6 +16,9 @@ from PIL import Image
 
 from swin_jax.finetune import FinetuneError, finetune
 
+# one xdist worker runs this module: its module-scoped fixtures are built once (pyproject: --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("test_finetune")
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ("chelsea", "astronaut", "coffee", "rocket")
 ARCH = "swin_tiny_patch4_window7_224"

@@ -29,6 +29,9 @@ import swin_jax
 from swin_jax.hub import CheckpointError, FreshHeadWarning, save_pretrained
 from swin_jax.weights import resize_rel_pos_bias_table
 
+# one xdist worker runs this module: its module-scoped fixtures are built once (pyproject: --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("test_hub")
+
 TINY = "swin_tiny_patch4_window7_224"
 SMALL = dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(2, 2, 4, 4))
 CUSTOM_REPO = "someorg/somerepo"

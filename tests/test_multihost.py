@@ -24,6 +24,9 @@ from test_finetune import ARCH, TINY, _make_folder, _read_jsonl, _step_losses
 
 from swin_jax.train import create_schedule
 
+# one xdist worker runs this module: its module-scoped fixtures are built once (pyproject: --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("test_multihost")
+
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS, STEPS_PER_EPOCH, LR, EPS = 4, 2, 1e-3, 1e-3
 HEARTBEAT_S = 10
