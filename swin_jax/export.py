@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from .hub import write_directory
 
 __all__ = ["DEFAULT_PLATFORMS", "EXPORT_FILE", "EXPORT_CONFIG", "ExportError", "export_model", "save_export"]
 
@@ -150,20 +150,11 @@ def save_export(
         raise ExportError(f"{out} exists; choose another directory or pass force=True (--force) to replace it")
     exported = export_model(model, platforms=platforms, batch_size=batch_size, method=method)
     blob = exported.serialize()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    config = _config(model, exported, name, method)
+
+    def write(tmp: Path) -> None:
         (tmp / EXPORT_FILE).write_bytes(blob)
-        (tmp / EXPORT_CONFIG).write_text(json.dumps(_config(model, exported, name, method), indent=2) + "\n")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / EXPORT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+
+    write_directory(out, write)
     return out

@@ -25,7 +25,7 @@ import shutil
 import tempfile
 import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -430,6 +430,31 @@ def checkpoint_config(model: nnx.Module, fmt: str) -> dict[str, Any]:
     return _jsonable(config)
 
 
+def write_directory(output_dir: Path, write: Callable[[Path], None]) -> None:
+    """Create ``output_dir`` complete or not at all: ``write(tmp)`` fills a temporary sibling directory, which is
+    then renamed into place (replacing an existing ``output_dir``). On any error nothing is left behind."""
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    try:
+        write(tmp)
+        # ordinary permissions (mkdtemp makes the directory 0700, safetensors writes files 0600)
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)
+        for f in tmp.iterdir():
+            f.chmod(0o666 & ~umask)
+        if output_dir.exists():
+            old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
+            output_dir.rename(old)
+            tmp.rename(output_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_pretrained(
     model: nnx.Module, output_dir: str | os.PathLike, *, fmt: str = "flax", force: bool = False
 ) -> Path:
@@ -455,25 +480,10 @@ def save_pretrained(
     config = checkpoint_config(model, fmt)
     weights = to_flax_state_dict(model) if fmt == "flax" else to_timm_state_dict(model)
     weights = {k: np.ascontiguousarray(v) for k, v in weights.items()}
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         save_file(weights, str(tmp / (FLAX_WEIGHTS_NAME if fmt == "flax" else SAFETENSORS_NAME)))
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        # ordinary permissions (mkdtemp makes the directory 0700, safetensors writes files 0600)
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)
-        for f in tmp.iterdir():
-            f.chmod(0o666 & ~umask)
-        if output_dir.exists():
-            old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
-            output_dir.rename(old)
-            tmp.rename(output_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_directory(output_dir, write)
     return output_dir

@@ -163,6 +163,9 @@ def test_cli_writes_artifact_and_config_atomically(model, tmp_path):
     assert f"wrote {out}" in proc.stdout
     assert sorted(p.name for p in out.iterdir()) == [EXPORT_CONFIG, EXPORT_FILE]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # ordinary permissions, not the temporary's 0700
     config = json.loads((out / EXPORT_CONFIG).read_text())
     assert config["model"] == ARCH and config["num_classes"] == 10 and config["platforms"] == ["cpu", "cuda", "tpu"]
     assert config["input_shape"] == ["batch", 32, 32, 3] and config["input_size"] == [3, 32, 32]
