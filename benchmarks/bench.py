@@ -8,8 +8,9 @@ Each variant runs in its own subprocess (same machine, one after the other), so 
 own peak memory and no variant warms another's caches. Inference variants: swin-jax fp32 and bf16
 (``compile_forward``, the documented fast path), timm eager fp32 and ``torch.compile`` fp32, and on
 GPU timm bf16 autocast (eager and compiled). Training step (forward + backward + AdamW, drop path off)
-for swin-jax and timm. On GPU, a bf16 matmul is timed in the same run to give the fraction of the
-measured matmul peak that the model reaches.
+for swin-jax (through ``swin_jax.train.TrainStep``, the fast path finetune uses) and timm. On GPU, a
+bf16 matmul is timed in the same run to give the fraction of the measured matmul peak that the model
+reaches.
 
 fp32 matmul precision on GPU, as each framework does it by default: jax's "default" precision lets
 XLA use TF32 on the tensor cores; torch computes fp32 matmuls in full fp32 (its cuDNN convolutions
@@ -47,11 +48,20 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 INFER = ["jax-fp32", "jax-bf16", "timm-eager-fp32", "timm-compile-fp32"]
-INFER_GPU = ["timm-eager-bf16", "timm-compile-bf16"]
+INFER_GPU = ["timm-eager-bf16", "timm-compile-bf16", "timm-compile-bf16-fused"]
 # like-for-like fp32 precision (GPU only): run when named in --variants
 INFER_GPU_EXTRA = ["jax-fp32-highest", "timm-eager-fp32-tf32", "timm-compile-fp32-tf32"]
+# timm's experimental fused attention (TIMM_FUSED_ATTN=2: F.scaled_dot_product_attention with the bias as
+# mask) on the CPU: run when named in --variants
+FUSED_EXTRA = ["timm-eager-fp32-fused", "timm-train-eager-fp32-fused"]
 TRAIN = ["jax-train-fp32", "timm-train-eager-fp32"]
-TRAIN_GPU = ["jax-train-bf16", "timm-train-eager-bf16", "timm-train-compile-fp32", "timm-train-compile-bf16"]
+TRAIN_GPU = [
+    "jax-train-bf16",
+    "timm-train-eager-bf16",
+    "timm-train-compile-fp32",
+    "timm-train-compile-bf16",
+    "timm-train-compile-bf16-fused",
+]
 TIMM_FLOPS_PER_IMAGE = {"swin_base_patch4_window7_224": 30.9e9}  # timm's model card (2 x 15.4 GMACs)
 TRAIN_FLOPS_FACTOR = 3.0  # forward + backward ~ 3x the forward's FLOPs (the usual estimate, not counted)
 # swin-jax variant -> ratio key -> timm variant it is compared with (same kind and batch)
@@ -61,11 +71,24 @@ REFS = {
         "vs_timm_compile": "timm-compile-fp32",
         "vs_timm_eager_tf32": "timm-eager-fp32-tf32",
         "vs_timm_compile_tf32": "timm-compile-fp32-tf32",
+        "vs_timm_eager_fused": "timm-eager-fp32-fused",
     },
     "jax-fp32-highest": {"vs_timm_eager": "timm-eager-fp32", "vs_timm_compile": "timm-compile-fp32"},
-    "jax-bf16": {"vs_timm_eager": "timm-eager-bf16", "vs_timm_compile": "timm-compile-bf16"},
-    "jax-train-fp32": {"vs_timm_eager": "timm-train-eager-fp32", "vs_timm_compile": "timm-train-compile-fp32"},
-    "jax-train-bf16": {"vs_timm_eager": "timm-train-eager-bf16", "vs_timm_compile": "timm-train-compile-bf16"},
+    "jax-bf16": {
+        "vs_timm_eager": "timm-eager-bf16",
+        "vs_timm_compile": "timm-compile-bf16",
+        "vs_timm_compile_fused": "timm-compile-bf16-fused",
+    },
+    "jax-train-fp32": {
+        "vs_timm_eager": "timm-train-eager-fp32",
+        "vs_timm_compile": "timm-train-compile-fp32",
+        "vs_timm_eager_fused": "timm-train-eager-fp32-fused",
+    },
+    "jax-train-bf16": {
+        "vs_timm_eager": "timm-train-eager-bf16",
+        "vs_timm_compile": "timm-train-compile-bf16",
+        "vs_timm_compile_fused": "timm-train-compile-bf16-fused",
+    },
 }
 
 
@@ -90,7 +113,68 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _jax_worker(variant: str, model_name: str, batch: int, warmup: int, repeats: int, min_time: float) -> dict:
+def device_busy(trace_dir: str | Path) -> dict | None:
+    """From a ``jax.profiler`` trace (``create_perfetto_trace=True``): how much of the traced span the
+    accelerator was busy. Busy = the union of the kernel intervals on every device track; span = first
+    kernel start to last kernel end. ``None`` when the trace has no device tracks (CPU).
+
+    A step whose device is busy for most of its span is device-bound; large idle gaps mean the host
+    (dispatch, Python) or the input feeding bounds it.
+    """
+    import gzip
+
+    files = sorted(Path(trace_dir).rglob("*.trace.json.gz"))
+    if not files:
+        return None
+    data = json.loads(gzip.open(files[-1]).read())
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    device_pids = {
+        e["pid"]
+        for e in events
+        if e.get("ph") == "M"
+        and e.get("name") == "process_name"
+        and any(k in str(e.get("args", {}).get("name", "")) for k in ("/device:GPU", "/device:TPU"))
+    }
+    spans = sorted(
+        (float(e["ts"]), float(e["ts"]) + float(e["dur"]))
+        for e in events
+        if e.get("ph") == "X" and e.get("pid") in device_pids and float(e.get("dur", 0)) > 0
+    )
+    if not spans:
+        return None
+    busy, cur_start, cur_end = 0.0, *spans[0]
+    for start, end in spans[1:]:
+        if start > cur_end:
+            busy += cur_end - cur_start
+            cur_start, cur_end = start, end
+        else:
+            cur_end = max(cur_end, end)
+    busy += cur_end - cur_start
+    span = spans[-1][1] - spans[0][0]
+    return {"busy_ms": busy / 1e3, "span_ms": span / 1e3, "busy_fraction": busy / span if span else None}
+
+
+def _profile(call, sync, calls: int = 3) -> dict | None:
+    """Trace ``calls`` calls (already compiled) and summarize the device's busy time (:func:`device_busy`)."""
+    import tempfile
+
+    import jax
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sync(call())
+        t = time.perf_counter()
+        with jax.profiler.trace(tmp, create_perfetto_trace=True):
+            for _ in range(calls):
+                out = call()
+            sync(out)
+        wall = time.perf_counter() - t
+        busy = device_busy(tmp)
+    return {"calls": calls, "wall_ms_per_call": wall / calls * 1e3, **({} if busy is None else busy)}
+
+
+def _jax_worker(
+    variant: str, model_name: str, batch: int, warmup: int, repeats: int, min_time: float, profile: bool = False
+) -> dict:
     import jax
 
     if variant.endswith("-highest"):
@@ -101,6 +185,7 @@ def _jax_worker(variant: str, model_name: str, batch: int, warmup: int, repeats:
     from flax import nnx
 
     import swin_jax
+    from swin_jax.train import TrainStep
 
     bf16 = variant.endswith("bf16")
     dtype = jnp.bfloat16 if bf16 else jnp.float32
@@ -121,25 +206,21 @@ def _jax_worker(variant: str, model_name: str, batch: int, warmup: int, repeats:
         cost = cost[0] if isinstance(cost, list) else cost
         out["xla_gflop_per_image"] = float(cost.get("flops", 0.0)) / batch / 1e9 if cost else None
         times = _time_calls(lambda: compiled(forward.state, x), jax.block_until_ready, warmup, repeats, min_time)
+        if profile:
+            out["profile"] = _profile(lambda: compiled(forward.state, x), jax.block_until_ready)
     else:
         y = jnp.asarray(np.arange(batch) % model.num_classes)
         model.train()
         optimizer = nnx.Optimizer(model, optax.adamw(1e-4, weight_decay=0.05), wrt=nnx.Param)
 
-        @nnx.jit
-        def step(model, optimizer, x, y):
-            def loss_fn(model):
-                logits = model(x).astype(jnp.float32)
-                return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-            loss, grads = nnx.value_and_grad(loss_fn)(model)
-            optimizer.update(model, grads)
-            return loss
-
+        # the documented fast path (what finetune runs): one jitted pure function over the flat state
+        step = TrainStep(model, optimizer, num_classes=model.num_classes)
         t = time.perf_counter()
-        jax.block_until_ready(step(model, optimizer, x, y))
+        jax.block_until_ready(step((x, y)))
         out["compile_s"] = time.perf_counter() - t  # first step: trace + compile + one step
-        times = _time_calls(lambda: step(model, optimizer, x, y), jax.block_until_ready, warmup, repeats, min_time)
+        times = _time_calls(lambda: step((x, y)), jax.block_until_ready, warmup, repeats, min_time)
+        if profile:
+            out["profile"] = _profile(lambda: step((x, y)), jax.block_until_ready)
     if gpu:
         stats = jax.devices()[0].memory_stats() or {}
         out["peak_mem_mb"] = stats.get("peak_bytes_in_use", 0) / 2**20
@@ -150,6 +231,10 @@ def _jax_worker(variant: str, model_name: str, batch: int, warmup: int, repeats:
 
 
 def _timm_worker(variant: str, model_name: str, batch: int, warmup: int, repeats: int, min_time: float) -> dict:
+    fused = variant.endswith("-fused")
+    if fused:  # read by timm at import: Swin's WindowAttention uses F.scaled_dot_product_attention
+        os.environ["TIMM_FUSED_ATTN"] = "2"
+    variant = variant.removesuffix("-fused")
     import timm
     import torch
 
@@ -160,6 +245,7 @@ def _timm_worker(variant: str, model_name: str, batch: int, warmup: int, repeats
     bf16 = variant.endswith("bf16")
     train = "train" in variant
     model = timm.create_model(model_name, pretrained=False, drop_path_rate=0.0).to(device)
+    fused_modules = [m for m in model.modules() if hasattr(m, "fused_attn")]
     size = model.pretrained_cfg["input_size"][1:]
     x = torch.randn(batch, 3, *size, device=device)
     sync = (lambda _: torch.cuda.synchronize()) if gpu else (lambda _: None)
@@ -170,6 +256,9 @@ def _timm_worker(variant: str, model_name: str, batch: int, warmup: int, repeats
             "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
             "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
             "autocast_bf16": bf16,
+            "TIMM_FUSED_ATTN": os.environ.get("TIMM_FUSED_ATTN"),
+            "attention_modules_fused": sum(bool(m.fused_attn) for m in fused_modules),
+            "attention_modules": len(fused_modules),
         }
     }
     if not train:
@@ -278,7 +367,9 @@ def _worker(args: argparse.Namespace) -> None:
     elif args.worker == "matmul-peak":
         result = _matmul_peak_worker(args.repeats)
     elif args.worker.startswith("jax"):
-        result = _jax_worker(args.worker, args.model, args.batch, args.warmup, args.repeats, args.min_time)
+        result = _jax_worker(
+            args.worker, args.model, args.batch, args.warmup, args.repeats, args.min_time, args.profile
+        )
     else:
         result = _timm_worker(args.worker, args.model, args.batch, args.warmup, args.repeats, args.min_time)
     print("RESULT " + json.dumps(result))
@@ -292,6 +383,7 @@ def _worker(args: argparse.Namespace) -> None:
 def _run_worker(variant: str, args: argparse.Namespace, batch: int = 1) -> dict:
     cmd = [sys.executable, __file__, "--worker", variant, "--model", args.model, "--batch", str(batch)]
     cmd += ["--warmup", str(args.warmup), "--repeats", str(args.repeats), "--min-time", str(args.min_time or 0.0)]
+    cmd += ["--profile"] if args.profile else []
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT)
@@ -433,6 +525,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-time", type=float, help="seconds of timed calls, at least (CPU: 0, GPU: 2)")
     p.add_argument("--timeout", type=int, default=900, help="seconds per variant")
     p.add_argument("--no-peak", action="store_true", help="skip the bf16 matmul peak (GPU)")
+    p.add_argument(
+        "--profile", action="store_true", help="swin-jax rows: trace 3 calls, report the device's busy fraction"
+    )
     p.add_argument("--out", type=Path, help="JSON file (default benchmarks/results/<backend>.json)")
     p.add_argument("--merge", type=Path, nargs="+", metavar="PART", help="join part files into --out")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -459,7 +554,10 @@ def main(argv: list[str] | None = None) -> int:
     infer = INFER + (INFER_GPU + (INFER_GPU_EXTRA if args.variants else []) if gpu else [])
     train = (TRAIN + (TRAIN_GPU if gpu else [])) if train_batch else []
     if args.variants:
-        unknown = set(args.variants) - set(INFER + INFER_GPU + INFER_GPU_EXTRA + TRAIN + TRAIN_GPU)
+        infer += [v for v in FUSED_EXTRA if "train" not in v]
+        train += [v for v in FUSED_EXTRA if "train" in v] if train_batch else []
+    if args.variants:
+        unknown = set(args.variants) - set(INFER + INFER_GPU + INFER_GPU_EXTRA + TRAIN + TRAIN_GPU + FUSED_EXTRA)
         if unknown:
             p.error(f"unknown variants: {sorted(unknown)}")
         infer = [v for v in args.variants if v in infer]  # in the order given

@@ -1,8 +1,8 @@
 """Fine-tune a Swin on an ImageFolder dataset: checks up front, Orbax checkpoints, exact resume, SIGTERM-safe.
 
 :func:`finetune` ties together :mod:`swin_jax.datasets` (ImageFolder, checks, augmentation, resumable grain
-loaders), :mod:`swin_jax.train` (timm's AdamW / layer decay / cosine schedule, ``train_step``, EMA) and
-:func:`swin_jax.hub.save_pretrained`:
+loaders), :mod:`swin_jax.train` (timm's AdamW / layer decay / cosine schedule, the fast ``TrainStep`` with
+the EMA inside it) and :func:`swin_jax.hub.save_pretrained`:
 
 * every data check runs before any model is built or compiled: both folders (missing, empty, one class),
   the val classes equal the train classes, ``num_classes`` matches the dataset, every image decodes;
@@ -409,7 +409,7 @@ def finetune(
     from .distributed import make_mesh, shard_batch, shard_model, to_host
     from .factory import create_model
     from .hub import save_pretrained
-    from .train import EMA, create_optimizer, mixup_cutmix, train_step
+    from .train import EMA, TrainStep, create_optimizer, mixup_cutmix
 
     output.mkdir(parents=True, exist_ok=True)  # every process: the directory may be on a host's own disk
     mgr = _manager(ckpt_dir, keep)
@@ -523,6 +523,16 @@ def finetune(
     checkpoint = None
     try:
         net.train()
+        # one jitted pure function over the flat state (EMA included), buffers donated; sync() writes the
+        # state back into net / optimizer / ema before they are evaluated or saved
+        train_step = TrainStep(
+            net,
+            optimizer,
+            num_classes=num_classes,
+            label_smoothing=label_smoothing,
+            ema=ema,
+            ema_every=grad_accum_steps,
+        )
         if stop.is_set():
             status = "interrupted"
         elif max_steps is not None and step >= max_steps and step < total_steps:
@@ -533,11 +543,7 @@ def finetune(
                 images, targets = shard_batch(arrays, mesh) if mesh is not None else tuple(map(jnp.asarray, arrays))
                 if mix is not None:
                     images, targets, _ = mix(images, targets, jax.random.fold_in(mix_key, step))
-                out = train_step(
-                    net, optimizer, (images, targets), label_smoothing=label_smoothing, num_classes=num_classes
-                )
-                if ema is not None and (step + 1) % grad_accum_steps == 0:
-                    ema.update(net)
+                out = train_step((images, targets))
                 step += 1
                 out = to_host(out)
                 loss = float(out["loss"])
@@ -553,6 +559,7 @@ def finetune(
                     bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
                     bar.update(1)
                 if step % steps_per_epoch == 0:
+                    train_step.sync()
                     last = _end_epoch(net, ema, val_loader, mesh, acc, epoch, step, output if is_main else None)
                     acc = {"loss_sum": 0.0, "top1": 0.0, "top5": 0.0, "n": 0, "steps": 0}
                     net.train()
@@ -567,7 +574,9 @@ def finetune(
                     status = "stopped"
                     break
                 if periodic:
+                    train_step.sync()
                     checkpoint = save(step)
+            train_step.sync()
         checkpoint = save(step)
     finally:
         if bar is not None:

@@ -27,6 +27,7 @@ from parity import (
 import swin_jax
 from swin_jax.train import (
     EMA,
+    TrainStep,
     create_optimizer,
     create_schedule,
     cross_entropy,
@@ -313,6 +314,56 @@ def test_grad_accumulation_equals_one_big_step():
 
     assert problems(to_timm_state_dict(accum), to_timm_state_dict(single)) == []
     assert problems(to_timm_state_dict(buggy), to_timm_state_dict(single)) == ["head.fc.weight"]
+
+
+def test_fast_train_step_equals_train_step_with_ema_and_accumulation():
+    """TrainStep (flat state, donated buffers, EMA inside the program) computes what train_step followed by
+    EMA.update on every update computes: drop path on (the RNG streams advance the same way), gradient
+    accumulation over 2 calls (the EMA folds only when the parameters move). The two are different programs,
+    so XLA may fuse differently: equal to 1e-6 (relative), exact on the integer state."""
+    batch = _tiny_batch()
+    kw = dict(lr=2e-3, layer_decay=0.75, total_steps=20, clip_grad_norm=1.0, grad_accum_steps=2)
+    runs = {}
+    for fast in (False, True):
+        model = _tiny(drop_path_rate=0.3)
+        optimizer = nnx.Optimizer(model, create_optimizer(model, **kw), wrt=nnx.Param)
+        ema = EMA(model, decay=0.8)
+        model.train()
+        step = TrainStep(model, optimizer, num_classes=10, label_smoothing=0.1, ema=ema, ema_every=2) if fast else None
+        losses = []
+        for i in range(4):
+            if fast:
+                losses.append(float(step(batch)["loss"]))
+            else:
+                losses.append(float(train_step(model, optimizer, batch, label_smoothing=0.1, num_classes=10)["loss"]))
+                if i % 2 == 1:
+                    ema.update(model)
+        if fast:
+            held = jax.tree_util.tree_leaves(nnx.state(model, nnx.Param))
+            assert all(a.is_deleted() for a in held)  # donated: the model is stale until sync()
+            step.sync()
+        runs[fast] = losses, nnx.state((model, optimizer)), ema.params
+    (l_ref, s_ref, e_ref), (l_fast, s_fast, e_fast) = runs[False], runs[True]
+    np.testing.assert_allclose(l_fast, l_ref, rtol=1e-6)
+    assert len(set(l_ref)) == 4  # the steps and the drop path masks did change the loss
+    for (path, a), (_, b) in zip(nnx.to_flat_state(s_ref), nnx.to_flat_state(s_fast)):
+        a, b = a.get_value(), b.get_value()
+        if jnp.issubdtype(a.dtype, jnp.floating):
+            np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7, err_msg=str(path))
+        elif not jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+            np.testing.assert_array_equal(b, a, err_msg=str(path))
+    moved = 0
+    for a, b, p in zip(jax.tree.leaves(e_ref), jax.tree.leaves(e_fast), jax.tree.leaves(nnx.state(_tiny(), nnx.Param))):
+        np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)
+        moved += not np.array_equal(a, p)
+    assert moved > 0  # the EMA did fold the trained parameters in
+
+
+def test_fast_train_step_rejects_bad_settings():
+    model = _tiny()
+    optimizer = nnx.Optimizer(model, create_optimizer(model, lr=1e-3, total_steps=10), wrt=nnx.Param)
+    with pytest.raises(ValueError, match="ema_every must be >= 1"):
+        TrainStep(model, optimizer, num_classes=10, ema_every=0)
 
 
 def test_drop_path_masks_advance_and_eval_is_deterministic():

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The prepared GPU check: one call of at most 8 minutes on one H100 / H200 (machine start aside), shared by
+# the training-speed and the inference issues. Every result is written as soon as it is finished, so a
+# call that runs out of time keeps what it measured.
+#
+#   bash benchmarks/gpu_check.sh OUTDIR          # e.g. through the device tool: PYTHONPATH=. bash ...
+#
+# In order of priority (each step gets what is left of BUDGET_S, default 470 s):
+#   1. env.txt: date, GPU, driver, versions;
+#   2. training step, bf16, batch 64: swin-jax TrainStep (traced: device busy fraction) against timm +
+#      torch.compile, then timm + torch.compile with fused attention (TIMM_FUSED_ATTN=2);
+#   3. inference, bf16, batch 256: swin-jax (traced) against the two timm torch.compile rows, with the
+#      bf16 matmul peak measured in the same run;
+#   4. host time per training-step call (benchmarks/host_time.py), then fp32 training like-for-like.
+# A dry run on the CPU (small model and batches, to check the script, not to measure):
+#   MODEL=swin_tiny_patch4_window7_224 TRAIN_BATCH=2 INFER_BATCH=2 bash benchmarks/gpu_check.sh /tmp/dry
+# Afterwards, here: python benchmarks/bench.py --merge OUTDIR/train-bf16.json OUTDIR/infer-bf16.json \
+#   --out benchmarks/results/gpu-<card>.json   (ratios only between rows of the same GPU UUID).
+set -u
+out=${1:-benchmarks/results/gpu-check}
+budget=${BUDGET_S:-470}
+mkdir -p "$out"
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+left() { echo $((budget - SECONDS)); }
+model=${MODEL:-swin_base_patch4_window7_224}
+bench() { [ "$(left)" -gt 30 ] && timeout "$(left)" python benchmarks/bench.py --model "$model" --timeout 240 "$@"; }
+
+{
+    date -u
+    echo "command: bash benchmarks/gpu_check.sh $out"
+    nvidia-smi --query-gpu=name,uuid,driver_version,memory.total,clocks.max.sm,power.limit --format=csv
+    python -c 'import sys; print(sys.version)'
+    python -m pip list 2>/dev/null | grep -i -E "^(jax|jaxlib|jax-cuda|flax|optax|torch|timm|numpy|nvidia-cudnn|nvidia-cublas) "
+    python -c 'import torch; print("torch cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())'
+    python -c 'import jax; print(jax.devices(), jax.devices()[0].client.platform_version)'
+} >"$out/env.txt" 2>&1
+cat "$out/env.txt"
+
+bench --no-peak --profile --train-batch ${TRAIN_BATCH:-64} --out "$out/train-bf16.json" --variants \
+    jax-train-bf16 timm-train-compile-bf16 timm-train-compile-bf16-fused
+bench --profile --batches ${INFER_BATCH:-256} --train-batch 0 --out "$out/infer-bf16.json" --variants \
+    jax-bf16 timm-compile-bf16-fused timm-compile-bf16
+[ "$(left)" -gt 60 ] && timeout "$(left)" python benchmarks/host_time.py --model "$model" --out "$out/host_time.json"
+bench --no-peak --profile --train-batch ${TRAIN_BATCH:-64} --out "$out/train-fp32.json" --variants \
+    jax-train-fp32 timm-train-compile-fp32
+echo "done after $SECONDS s"
