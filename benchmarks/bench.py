@@ -54,6 +54,9 @@ INFER_GPU_EXTRA = ["jax-fp32-highest", "timm-eager-fp32-tf32", "timm-compile-fp3
 # timm's experimental fused attention (TIMM_FUSED_ATTN=2: F.scaled_dot_product_attention with the bias as
 # mask) on the CPU: run when named in --variants
 FUSED_EXTRA = ["timm-eager-fp32-fused", "timm-train-eager-fp32-fused"]
+# swin-jax with the per-block backward cut forced on (SWIN_JAX_BACKWARD_CUT=always; by default it applies on
+# the CPU only): an A/B on a GPU, run when named in --variants
+CUT_EXTRA = ["jax-train-bf16-cut", "jax-train-fp32-cut"]
 TRAIN = ["jax-train-fp32", "timm-train-eager-fp32"]
 TRAIN_GPU = [
     "jax-train-bf16",
@@ -90,6 +93,8 @@ REFS = {
         "vs_timm_compile_fused": "timm-train-compile-bf16-fused",
     },
 }
+REFS["jax-train-bf16-cut"] = REFS["jax-train-bf16"]
+REFS["jax-train-fp32-cut"] = REFS["jax-train-fp32"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -175,6 +180,9 @@ def _profile(call, sync, calls: int = 3) -> dict | None:
 def _jax_worker(
     variant: str, model_name: str, batch: int, warmup: int, repeats: int, min_time: float, profile: bool = False
 ) -> dict:
+    if variant.endswith("-cut"):  # read when the step is traced
+        os.environ["SWIN_JAX_BACKWARD_CUT"] = "always"
+    variant = variant.removesuffix("-cut")
     import jax
 
     if variant.endswith("-highest"):
@@ -555,9 +563,10 @@ def main(argv: list[str] | None = None) -> int:
     train = (TRAIN + (TRAIN_GPU if gpu else [])) if train_batch else []
     if args.variants:
         infer += [v for v in FUSED_EXTRA if "train" not in v]
-        train += [v for v in FUSED_EXTRA if "train" in v] if train_batch else []
+        train += [v for v in FUSED_EXTRA + CUT_EXTRA if "train" in v] if train_batch else []
     if args.variants:
-        unknown = set(args.variants) - set(INFER + INFER_GPU + INFER_GPU_EXTRA + TRAIN + TRAIN_GPU + FUSED_EXTRA)
+        known = INFER + INFER_GPU + INFER_GPU_EXTRA + TRAIN + TRAIN_GPU + FUSED_EXTRA + CUT_EXTRA
+        unknown = set(args.variants) - set(known)
         if unknown:
             p.error(f"unknown variants: {sorted(unknown)}")
         infer = [v for v in args.variants if v in infer]  # in the order given

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -220,6 +221,47 @@ def _torch_conv_default(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.f
     embedding: ``variance_scaling(1/3, 'fan_in', 'uniform')``'s values (HWIO kernel, fan_in = H * W * I)."""
     variance = jnp.array((1.0 / 3.0) / math.prod(shape[:-1]), dtype)
     return _sample(key, "uniform", shape, dtype, jnp.sqrt(3 * variance))
+
+
+# The residual stream's gradient, materialized once per block. XLA:CPU fuses a chain of elementwise producers into
+# every consumer, duplicating it. In the backward pass the residual stream's gradient is such a chain (each later
+# block adds its LayerNorm and branch terms), and it has several consumers per block (the weight-gradient
+# transposes, the LayerNorm reductions): each consumer's fusion recomputed the whole chain from the last block
+# down, so a block's backward cost grew with the number of blocks after it (a fusion of ~900 instructions per
+# element in Swin-B's stage 2). jax.lax.optimization_barrier does not stop this (XLA:CPU removes barriers before
+# fusing); a dot does, and a product with the identity matrix at "highest" precision is exact (1 * g + 0 * ...).
+# Swin-B fp32 batch 8 training step on a 2-core EPYC: 15.6 s -> 8.1 s, compile 54 s -> 27 s, peak RSS 8.0 -> 5.6 GB
+# (BENCHMARKS.md). It contracts the rows axis (7-56 long: cheap, and never the batch axis, which a mesh shards).
+# SWIN_JAX_BACKWARD_CUT: "cpu" (default: only when lowering for the CPU), "always", "never" (read when tracing).
+
+
+def _identity_rows(t: jax.Array) -> jax.Array:
+    b, h = t.shape[:2]
+    # batched over B (a dot batch dimension stays local where a mesh shards B), output already in t's layout
+    eye = jnp.broadcast_to(jnp.eye(h, dtype=t.dtype), (b, h, h))
+    rows = t.reshape(b, h, -1)
+    out = jnp.einsum("bkh,bhx->bkx", eye, rows, precision=jax.lax.Precision.HIGHEST, preferred_element_type=t.dtype)
+    return out.reshape(t.shape)
+
+
+@jax.custom_jvp
+def materialize_grad(x: jax.Array) -> jax.Array:
+    """Identity on ``x`` ``[B, H, W, C]``; its tangent (and so, transposed, its cotangent) passes through a dot with
+    the identity matrix, which XLA cannot fuse through. See the comment above; forward values are untouched."""
+    return x
+
+
+@materialize_grad.defjvp
+def _materialize_grad_jvp(primals: tuple[jax.Array], tangents: tuple[jax.Array]) -> tuple[jax.Array, jax.Array]:
+    (x,), (t,) = primals, tangents
+    mode = os.environ.get("SWIN_JAX_BACKWARD_CUT", "cpu")
+    if mode not in ("cpu", "always", "never"):
+        raise ValueError(f"SWIN_JAX_BACKWARD_CUT must be 'cpu', 'always' or 'never', got {mode!r}")
+    if mode == "never" or t.ndim != 4 or t.shape[1] < 2:  # a 1x1 dot would be simplified to a multiply
+        return x, t
+    if mode == "always":
+        return x, _identity_rows(t)
+    return x, jax.lax.platform_dependent(t, cpu=_identity_rows, default=lambda t: t)
 
 
 class LayerNorm(nnx.LayerNorm):
@@ -479,6 +521,7 @@ class SwinTransformerBlock(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``[B, H, W, C]`` -> ``[B, H, W, C]``."""
+        x = materialize_grad(x)  # the gradient flowing out of this block is computed once (see its comment)
         x = x + self.drop_path1(self._attn(self.norm1(x)))
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
