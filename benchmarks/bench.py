@@ -314,6 +314,22 @@ def _matmul_peak_worker(repeats: int) -> dict:
     return {"tflops": 2 * n**3 / statistics.median(times) / 1e12, "shape": [n, n, n], "times": times}
 
 
+def cpu_description() -> str:
+    """The CPU's model name with its family and model numbers (``AMD EPYC (family 25, model 1)``): timing
+    ratios differ between CPU kinds, and a virtual machine's model name alone may not say which one it is."""
+    fields: dict[str, str] = {}
+    try:
+        for line in open("/proc/cpuinfo"):
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = fields.get("model name", platform.processor() or platform.machine())
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return name
+
+
 def _info_worker() -> dict:
     """Device and versions, read in a subprocess so the orchestrator never holds the GPU."""
     import flax
@@ -323,12 +339,7 @@ def _info_worker() -> dict:
 
     dev = jax.devices()[0]
     device = {"backend": jax.default_backend(), "jax_device": dev.device_kind, "cpu_count": os.cpu_count()}
-    try:
-        device["cpu_model"] = next(
-            line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        device["cpu_model"] = platform.processor()
+    device["cpu_model"] = cpu_description()
     device["host"] = platform.node()
     versions = {
         "python": platform.python_version(),

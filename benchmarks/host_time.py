@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import statistics
 import sys
 import time
@@ -31,6 +30,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench import cpu_description
 from flax import nnx
 
 import swin_jax
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         "flax": __import__("flax").__version__,
         "backend": jax.default_backend(),
         "device": str(jax.devices()[0].device_kind),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_description(),
     }
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
