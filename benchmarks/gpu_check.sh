@@ -28,13 +28,8 @@ model=${MODEL:-swin_base_patch4_window7_224}
 bench() { [ "$(left)" -gt 30 ] && timeout "$(left)" python benchmarks/bench.py --model "$model" --timeout 240 "$@"; }
 
 {
-    date -u
     echo "command: bash benchmarks/gpu_check.sh $out"
-    nvidia-smi --query-gpu=name,uuid,driver_version,memory.total,clocks.max.sm,power.limit --format=csv
-    python -c 'import sys; print(sys.version)'
-    python -m pip list 2>/dev/null | grep -i -E "^(jax|jaxlib|jax-cuda|flax|optax|torch|timm|numpy|nvidia-cudnn|nvidia-cublas) "
-    python -c 'import torch; print("torch cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())'
-    python -c 'import jax; print(jax.devices(), jax.devices()[0].client.platform_version)'
+    bash benchmarks/gpu_env.sh
 } >"$out/env.txt" 2>&1
 cat "$out/env.txt"
 

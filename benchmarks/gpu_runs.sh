@@ -20,16 +20,7 @@ bench() { timeout "$(left)" python benchmarks/bench.py --timeout 300 "$@"; }
 
 case $part in
 1)
-    {
-        date -u
-        nvidia-smi
-        nvidia-smi --query-gpu=name,uuid,driver_version,memory.total,clocks.max.sm,power.limit --format=csv
-        python -c 'import sys; print(sys.version)'
-        python -m pip list 2>/dev/null | grep -i -E "^(jax|jaxlib|jax-cuda|flax|optax|torch|timm|numpy|scikit-image|nvidia-cudnn|nvidia-cublas|ml.dtypes) "
-        python -c 'import skimage; print("skimage", skimage.__version__)' || echo "skimage: not importable"
-        python -c 'import torch; print("torch cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())'
-        python -c 'import jax; print(jax.devices(), jax.devices()[0].client.platform_version)'
-    } >"$out/env.txt" 2>&1
+    bash benchmarks/gpu_env.sh >"$out/env.txt" 2>&1
     cat "$out/env.txt"
     timeout 240 python benchmarks/gpu_parity.py --out "$out/gpu-parity.json"
     bench --batches 256 --train-batch 0 --out "$out/gpu-part1.json" --variants \
