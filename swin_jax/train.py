@@ -406,13 +406,13 @@ class TrainStep:
         self.model, self.optimizer, self.ema = model, optimizer, ema
         graphdef, state = nnx.split((model, optimizer))
         self._leaves, self._treedef = jax.tree_util.tree_flatten(state)
-        self._ema_leaves, ema_treedef = (None, None)
+        self._ema_leaves, self._ema_treedef = (None, None)
         if ema is not None:
-            self._ema_leaves, ema_treedef = jax.tree_util.tree_flatten(ema.params)
+            self._ema_leaves, self._ema_treedef = jax.tree_util.tree_flatten(ema.params)
         self._fn = _pure_step(
             graphdef,
             self._treedef,
-            ema_treedef,
+            self._ema_treedef,
             float(label_smoothing),
             int(num_classes),
             None if ema is None else float(ema.decay),
@@ -431,9 +431,7 @@ class TrainStep:
         """Write the current state into ``model``, ``optimizer`` and ``ema``."""
         nnx.update((self.model, self.optimizer), jax.tree_util.tree_unflatten(self._treedef, self._leaves))
         if self.ema is not None:
-            self.ema.params = jax.tree_util.tree_unflatten(
-                jax.tree_util.tree_structure(self.ema.params), self._ema_leaves
-            )
+            self.ema.params = jax.tree_util.tree_unflatten(self._ema_treedef, self._ema_leaves)
 
 
 @nnx.jit(static_argnames=("label_smoothing", "num_classes"))
