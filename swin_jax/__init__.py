@@ -9,6 +9,7 @@ Quick use::
 This package never imports torch.
 """
 
+from .attention import attention_impls
 from .data import create_transform, imagenet_class_names, imagenet_synsets, resolve_data_config
 from .export import export_model
 from .factory import create_model
@@ -23,6 +24,7 @@ __all__ = [
     "CompiledForward",
     "SwinTransformer",
     "WeightMismatchError",
+    "attention_impls",
     "compile_forward",
     "create_model",
     "create_transform",

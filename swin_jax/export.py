@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from . import attention
 from .hub import write_directory
 
 __all__ = ["DEFAULT_PLATFORMS", "EXPORT_FILE", "EXPORT_CONFIG", "ExportError", "export_model", "save_export"]
@@ -51,6 +52,39 @@ def _check_platforms(platforms: Sequence[str]) -> tuple[str, ...]:
     return platforms
 
 
+# Pallas on CUDA lowers to a Triton kernel, a custom call jax.export gives no compatibility guarantee for: the
+# artifact runs with a jaxlib close to the one that exported it.
+_TRITON_CALL = "__gpu$xla.gpu.triton"
+
+
+def _has_cuda() -> bool:
+    try:
+        return bool(jax.devices("cuda"))
+    except RuntimeError:
+        return False
+
+
+def _lowering_platform(model: nnx.Module, platforms: tuple[str, ...]) -> str:
+    """The platform attention is traced for. A kernel (Pallas, or cuDNN on CUDA) lowers for one platform only,
+    and jax.export cannot put per-platform kernels in one multi-platform artifact: refuse that clearly."""
+    impl = getattr(model, "attn_impl", "auto")
+    picks = {p: attention.resolve(impl, p) for p in platforms}
+    bound = [p for p, pick in picks.items() if pick == "pallas" or (pick == "cudnn" and p == "cuda")]
+    if len(platforms) > 1 and (bound or len(set(picks.values())) > 1):
+        raise ExportError(
+            f"attn_impl={impl!r} lowers a platform-specific kernel ({', '.join(bound) or 'different picks'}), and "
+            "kernels lowered for one platform cannot share a multi-platform artifact; export one platform at a "
+            f"time (platforms=['{bound[0] if bound else platforms[0]}']), or set attn_impl='einsum' or 'xla' "
+            "(model.set_attn_impl) for one artifact that runs everywhere"
+        )
+    if "cuda" in bound and picks["cuda"] == "cudnn" and not _has_cuda():
+        raise ExportError(
+            "attn_impl='cudnn' lowers cuDNN attention, and jax lowers that only where cuDNN is present: export for "
+            "CUDA on a GPU machine, or set attn_impl='xla' or 'pallas' (model.set_attn_impl)"
+        )
+    return platforms[0]
+
+
 def export_model(
     model: nnx.Module,
     *,
@@ -63,7 +97,10 @@ def export_model(
     Args:
         model: a swin_jax model (fp32 or bf16 compute), exported in eval mode; a ``features_only`` model returns its
             list of stage maps.
-        platforms: the platforms the artifact runs on; lowering for them needs no such device here.
+        platforms: the platforms the artifact runs on; lowering for them needs no such device here (except cuDNN
+            attention, whose lowering needs cuDNN). A model whose ``attn_impl`` lowers a kernel (``'pallas'``;
+            ``'cudnn'`` on CUDA) exports for one platform at a time; a Pallas kernel for CUDA is Triton code, which
+            jax does not promise to run on later jaxlib versions.
         batch_size: a fixed batch size, or None for a symbolic batch dimension (one artifact for any batch).
         method: ``"__call__"`` (logits; stage maps for ``features_only``) or ``"forward_features"``.
 
@@ -78,6 +115,7 @@ def export_model(
         raise ExportError("a features_only model has no forward_features: export its __call__ (the stage maps)")
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise ExportError(f"batch_size must be a positive int or None (symbolic), got {batch_size!r}")
+    target = _lowering_platform(model, platforms)
     graphdef, state = nnx.split(model)
 
     def serve(images: jax.Array) -> Any:
@@ -88,7 +126,9 @@ def export_model(
     (batch,) = jax.export.symbolic_shape("batch") if batch_size is None else (batch_size,)
     h, w = model.img_size
     spec = jax.ShapeDtypeStruct((batch, h, w, model.in_chans), jnp.float32)
-    return jax.export.export(jax.jit(serve), platforms=platforms)(spec)
+    checks = [jax.export.DisabledSafetyCheck.custom_call(_TRITON_CALL)] if target == "cuda" else []
+    with attention.lowering_for(target):
+        return jax.export.export(jax.jit(serve), platforms=platforms, disabled_checks=checks)(spec)
 
 
 def _config(model: nnx.Module, exported: jax.export.Exported, name: str, method: str) -> dict[str, Any]:

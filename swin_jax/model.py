@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from . import attention
+
 __all__ = [
     "PatchEmbed",
     "WindowAttention",
@@ -330,6 +332,7 @@ class WindowAttention(nnx.Module):
         qkv_bias: bool = True,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
+        attn_impl: str = "auto",
         *,
         dtype=None,
         param_dtype=jnp.float32,
@@ -344,7 +347,10 @@ class WindowAttention(nnx.Module):
             qkv_bias: learnable bias on q, k, v.
             attn_drop: dropout rate on the attention weights.
             proj_drop: dropout rate on the output.
+            attn_impl: attention implementation, one of :func:`swin_jax.attention_impls` (all compute the
+                same function; see :mod:`swin_jax.attention`).
         """
+        self.attn_impl = attention.check_attn_impl(attn_impl)
         self.window_size = to_2tuple(window_size)
         self.num_heads = num_heads
         head_dim = head_dim or dim // num_heads
@@ -407,9 +413,16 @@ class WindowAttention(nnx.Module):
             ``[B * nW, N, C]``.
         """
         b_, n, _ = x.shape
-        q, k, v = self._qkv(x)
-        attn = self.attn_drop(self._softmax(q, k, mask).astype(v.dtype))
-        x = jnp.einsum("bhqk,bhkd->bqhd", attn, v).reshape(b_, n, -1)
+        impl = attention.resolve(self.attn_impl)
+        if impl == "einsum" or (self.attn_drop.rate > 0 and not self.attn_drop.deterministic):
+            q, k, v = self._qkv(x)
+            attn = self.attn_drop(self._softmax(q, k, mask).astype(v.dtype))
+            x = jnp.einsum("bhqk,bhkd->bqhd", attn, v).reshape(b_, n, -1)
+        else:  # token-major [B * nW, N, heads, d], as the qkv projection lays them out
+            qkv = self.qkv(x).reshape(b_, n, 3, self.num_heads, -1)
+            q = qkv[:, :, 0] * jnp.asarray(self.scale, qkv.dtype)
+            bias = self.relative_position_bias()
+            x = attention.window_attention(impl, q, qkv[:, :, 1], qkv[:, :, 2], bias, mask).reshape(b_, n, -1)
         return self.proj_drop(self.proj(x))
 
 
@@ -444,6 +457,7 @@ class SwinTransformerBlock(nnx.Module):
         proj_drop: float = 0.0,
         attn_drop: float = 0.0,
         drop_path: float = 0.0,
+        attn_impl: str = "auto",
         *,
         dtype=None,
         param_dtype=jnp.float32,
@@ -463,6 +477,7 @@ class SwinTransformerBlock(nnx.Module):
             proj_drop: dropout after projections.
             attn_drop: dropout on attention weights.
             drop_path: stochastic depth rate.
+            attn_impl: attention implementation (:func:`swin_jax.attention_impls`).
         """
         self.input_resolution = to_2tuple(input_resolution)
         self.window_size, self.shift_size = calc_window_shift(
@@ -470,7 +485,9 @@ class SwinTransformerBlock(nnx.Module):
         )
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm1 = LayerNorm(dim, **kw)
-        self.attn = WindowAttention(dim, num_heads, head_dim, self.window_size, qkv_bias, attn_drop, proj_drop, **kw)
+        self.attn = WindowAttention(
+            dim, num_heads, head_dim, self.window_size, qkv_bias, attn_drop, proj_drop, attn_impl, **kw
+        )
         self.drop_path1 = _dropout(drop_path, rngs, broadcast_dims=(1, 2, 3))
         self.norm2 = LayerNorm(dim, **kw)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop, **kw)
@@ -564,6 +581,7 @@ class SwinTransformerStage(nnx.Module):
         proj_drop: float = 0.0,
         attn_drop: float = 0.0,
         drop_path: Sequence[float] | float = 0.0,
+        attn_impl: str = "auto",
         *,
         dtype=None,
         param_dtype=jnp.float32,
@@ -598,6 +616,7 @@ class SwinTransformerStage(nnx.Module):
                     proj_drop,
                     attn_drop,
                     drop_path[i] if isinstance(drop_path, (list, tuple)) else drop_path,
+                    attn_impl,
                     **kw,
                 )
                 for i in range(depth)
@@ -705,6 +724,7 @@ class SwinTransformer(nnx.Module):
         out_indices: int | Sequence[int] = (0, 1, 2, 3),
         dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32,
+        attn_impl: str = "auto",
         *,
         rngs: nnx.Rngs,
     ):
@@ -734,6 +754,8 @@ class SwinTransformer(nnx.Module):
             out_indices: stage indices returned by a ``features_only`` model (an int n: the last n).
             dtype: compute dtype.
             param_dtype: parameter storage dtype.
+            attn_impl: window attention implementation, one of :func:`swin_jax.attention_impls` ('auto': the
+                fastest measured on the platform). All compute the same function; see :mod:`swin_jax.attention`.
             rngs: NNX RNGs (``params`` for init, ``dropout`` for dropout/drop path).
         """
         depths = tuple(int(d) for d in depths)
@@ -750,6 +772,7 @@ class SwinTransformer(nnx.Module):
         self.features_only = features_only
         self.dtype = dtype
         self.param_dtype = param_dtype
+        self.attn_impl = attention.check_attn_impl(attn_impl)
         self.embed_dim = embed_dim
         self.num_layers = num_layers
         self.num_features = int(embed_dim * 2 ** (num_layers - 1))
@@ -801,6 +824,7 @@ class SwinTransformer(nnx.Module):
                     proj_drop=proj_drop_rate,
                     attn_drop=attn_drop_rate,
                     drop_path=dpr[i],
+                    attn_impl=attn_impl,
                     **kw,
                 )
             )
@@ -939,6 +963,14 @@ class SwinTransformer(nnx.Module):
         self.num_classes = num_classes
         self.global_pool = pool
         self.head_hidden_size = self.head.num_features
+
+    def set_attn_impl(self, attn_impl: str) -> None:
+        """Switch every block to another attention implementation (:func:`swin_jax.attention_impls`).
+        Weights are untouched; the next trace of the model uses it."""
+        self.attn_impl = attention.check_attn_impl(attn_impl)
+        for stage in self.layers:
+            for block in stage.blocks:
+                block.attn.attn_impl = attn_impl
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in the backward pass (``nnx.remat``), as timm's method of

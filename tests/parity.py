@@ -6,11 +6,14 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import timm
 import torch
+from flax import nnx
 
 import swin_jax
+from swin_jax.train import cross_entropy
 
 # max|ours - timm| / max|timm| at fp32 on CPU
 FP32_REL_TOL = 1e-5
@@ -116,6 +119,40 @@ def assert_parity(model: swin_jax.SwinTransformer, tmodel: torch.nn.Module, x: n
     for i, (a, b) in enumerate(zip(ours["maps"], ref["maps"])):
         errs[f"stage{i}"] = assert_close(a, b, what=f"stage {i} map")
     return errs
+
+
+def timm_grads(tm: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
+    """timm's parameter gradients of the cross-entropy loss on NHWC ``x`` and integer labels ``y``."""
+    tm.zero_grad()
+    loss = torch.nn.functional.cross_entropy(tm(to_nchw(x)), torch.from_numpy(y))
+    loss.backward()
+    return {n: p.grad.numpy().copy() for n, p in tm.named_parameters()}
+
+
+@nnx.jit
+def _grads(model, x, y):
+    return nnx.grad(lambda m: cross_entropy(m(x), y, num_classes=m.num_classes))(model)
+
+
+def jax_grads(model: nnx.Module, x: np.ndarray, y: np.ndarray) -> nnx.State:
+    """swin_jax's gradients of the same loss (jit-compiled), as the model's state."""
+    return _grads(model, jnp.asarray(x), jnp.asarray(y))
+
+
+def grads_as_timm(model: nnx.Module, grads: nnx.State) -> dict[str, np.ndarray]:
+    """Gradients in timm names and layouts: load them into a copy of the model and export it."""
+    holder = nnx.clone(model)
+    nnx.update(holder, grads)
+    return swin_jax.to_timm_state_dict(holder)
+
+
+def assert_grads_close(ours: dict[str, np.ndarray], ref: dict[str, np.ndarray], tol: float = GRAD_REL_TOL) -> None:
+    """Every parameter's gradient within ``tol`` (relative, per tensor) of timm's, and every one exercised."""
+    assert set(ours) == set(ref)
+    errs = {name: rel_err(ours[name], ref[name]) for name in ref}
+    worst = max(errs, key=errs.get)
+    assert errs[worst] <= tol, f"{worst}: gradient rel err {errs[worst]:.3e} > {tol:.0e}"
+    assert all(np.abs(g).max() > 0 for g in ref.values())  # every parameter's gradient is exercised
 
 
 # ----------------------------------------------------------------------------------------------------------

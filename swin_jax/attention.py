@@ -1,0 +1,279 @@
+"""Window attention implementations, chosen per model with ``create_model(..., attn_impl=NAME)``.
+
+Every implementation computes the same function, timm's window attention core::
+
+    softmax(q @ k.T + relative_position_bias + shift_mask) @ v      (q already scaled)
+
+per window and head, in float32 softmax. They differ in how that is lowered:
+
+- ``'einsum'``: two einsums around a softmax fusion, windows ``[B * nW, heads, N, d]``. The reference, and
+  the only one that applies attention dropout (a model training with ``attn_drop_rate > 0`` uses it).
+- ``'xla'``: ``jax.nn.dot_product_attention(implementation='xla')``. In shifted blocks the window index is
+  folded into the head axis (``[B, N, nW * heads, d]``) so the bias plus shift mask is one
+  ``[1, nW * heads, N, N]`` tensor broadcast over the batch, never one per window.
+- ``'cudnn'``: the same layout through cuDNN's fused attention (CUDA only). cuDNN wants even sequence lengths
+  with a bias, so windows are padded (49 -> 56 tokens) with keys masked out exactly (their weight is 0).
+  Elsewhere the same padded layout runs through XLA. Lowering it for CUDA needs cuDNN present, so it is
+  exported for CUDA only on a GPU machine.
+- ``'pallas'``: one Pallas kernel per window and head that keeps the ``N x N`` logits on chip: q·kᵀ, bias
+  and mask, softmax, ·v. Triton on CUDA (tokens padded to a power of two: 49 -> 64, 144 -> 256), Mosaic on
+  TPU (padded to a multiple of 8, eight windows per grid step), ``interpret=True`` on the CPU (slow: for
+  tests). Padded keys are masked exactly. The backward pass recomputes the attention in plain JAX. Mosaic
+  GPU is not used: its attention needs head_dim % 64 == 0, and every Swin has head_dim 32. Where no kernel
+  backend applies (ROCm) it runs the ``'xla'`` path.
+- ``'auto'`` (the default): per platform, the implementation measured fastest there (:data:`AUTO_PICKS`).
+
+A Pallas kernel or cuDNN call is lowered for one platform; :func:`target_platform` names it. It is the
+default backend unless code is being lowered for another one inside :func:`lowering_for` (as
+:func:`swin_jax.export_model` does for a single-platform export).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["IMPLS", "AUTO_PICKS", "attention_impls", "check_attn_impl", "resolve", "target_platform", "lowering_for"]
+
+IMPLS = ("einsum", "xla", "cudnn", "pallas")
+
+# What 'auto' runs on each platform, from measurements (BENCHMARKS.md). On the CPU the einsum path is the
+# fastest measured (Swin-B fp32 batch 8: 'xla' and the folded-mask layouts measured slower); on GPU and TPU
+# only the einsum path has been measured so far, so it stays the pick until a side-by-side run says otherwise.
+AUTO_PICKS = {"cpu": "einsum", "cuda": "einsum", "rocm": "einsum", "tpu": "einsum"}
+
+_TARGET: contextvars.ContextVar[str | None] = contextvars.ContextVar("swin_jax_attention_target", default=None)
+
+
+def attention_impls() -> tuple[str, ...]:
+    """The names ``create_model(..., attn_impl=...)`` accepts: ``'auto'`` and each implementation."""
+    return ("auto", *IMPLS)
+
+
+def check_attn_impl(name: str) -> str:
+    """``name`` if it names an implementation, else a ValueError listing them."""
+    if name not in attention_impls():
+        raise ValueError(f"unknown attn_impl {name!r}; expected one of {', '.join(attention_impls())}")
+    return name
+
+
+def target_platform() -> str:
+    """The platform attention is being lowered for: ``'cpu'``, ``'cuda'``, ``'rocm'`` or ``'tpu'``."""
+    platform = _TARGET.get()
+    if platform is None:
+        device = jax.devices()[0]
+        platform = device.platform
+        if platform == "gpu":
+            platform = "rocm" if "rocm" in getattr(device.client, "platform_version", "").lower() else "cuda"
+    return platform
+
+
+@contextlib.contextmanager
+def lowering_for(platform: str) -> Iterator[None]:
+    """Trace attention for ``platform`` (``'cpu'``, ``'cuda'``, ``'rocm'``, ``'tpu'``) inside this block."""
+    if platform not in AUTO_PICKS:
+        raise ValueError(f"unknown platform {platform!r}; expected one of {', '.join(AUTO_PICKS)}")
+    token = _TARGET.set(platform)
+    try:
+        yield
+    finally:
+        _TARGET.reset(token)
+
+
+def resolve(name: str, platform: str | None = None) -> str:
+    """The implementation that runs for ``name`` on ``platform`` (default: :func:`target_platform`)."""
+    platform = platform or target_platform()
+    name = check_attn_impl(name)
+    if name == "auto":
+        return AUTO_PICKS.get(platform, "einsum")
+    if name == "pallas" and platform not in ("cpu", "cuda", "tpu"):
+        return "xla"
+    return name
+
+
+def _bias_and_mask(bias: jax.Array, mask: np.ndarray | None, n_pad: int, dtype) -> jax.Array:
+    """The additive term ``[nWb, heads, Np, Np]`` (``nWb`` = windows per image with a mask, else 1): bias plus
+    shift mask, zero-padded to ``Np`` tokens, with the padded keys at the dtype's most negative value so their
+    softmax weight is exactly 0."""
+    n = bias.shape[-1]
+    full = bias[None].astype(dtype)
+    if mask is not None:
+        full = full + jnp.asarray(mask, dtype)[:, None]
+    if n_pad > n:
+        full = jnp.pad(full, ((0, 0), (0, 0), (0, n_pad - n), (0, n_pad - n)))
+        full = jnp.where(np.arange(n_pad) >= n, jnp.finfo(dtype).min, full)
+    return full
+
+
+def _pad_tokens(t: jax.Array, n_pad: int) -> jax.Array:
+    n = t.shape[1]
+    return t if n_pad == n else jnp.pad(t, ((0, 0), (0, n_pad - n), (0, 0), (0, 0)))
+
+
+def _dot_product(q, k, v, bias, mask, implementation: str, pad: bool) -> jax.Array:
+    """``jax.nn.dot_product_attention`` with the windows folded into the heads; ``pad``: tokens padded to a
+    multiple of 8 with masked keys (cuDNN's layout)."""
+    bw, n, heads, d = q.shape
+    n_pad = n + (-n % 8) if pad else n
+    full = _bias_and_mask(bias, mask, n_pad, q.dtype)
+    nwb = full.shape[0]
+    q, k, v = (_pad_tokens(t, n_pad) for t in (q, k, v))
+    if nwb > 1:  # [B * nW, Np, heads, d] -> [B, Np, nW * heads, d]: the bias broadcasts over B
+
+        def fold(t):
+            return t.reshape(-1, nwb, n_pad, heads, d).transpose(0, 2, 1, 3, 4).reshape(-1, n_pad, nwb * heads, d)
+
+        q, k, v = fold(q), fold(k), fold(v)
+    full = full.reshape(1, nwb * heads, n_pad, n_pad)
+    out = jax.nn.dot_product_attention(q, k, v, bias=full, scale=1.0, implementation=implementation)
+    if nwb > 1:
+        out = out.reshape(-1, n_pad, nwb, heads, d).transpose(0, 2, 1, 3, 4).reshape(bw, n_pad, heads, d)
+    return out[:, :n]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Pallas kernel
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _padded_tokens(n: int, layout: str) -> int:
+    """Tokens per window in the kernel: a power of two (at least 16) for Triton's blocks and dots
+    (``layout='cuda'``), a multiple of 8 (sublanes) on TPU."""
+    if layout == "tpu":
+        return n + (-n % 8)
+    return max(16, 1 << (n - 1).bit_length())
+
+
+def _matmul_precision():
+    # the kernel's dots follow jax's default matmul precision, as the einsum path does
+    value = jax.config.jax_default_matmul_precision
+    return jax.lax.Precision.HIGHEST if value in ("highest", "float32", "HIGHEST") else None
+
+
+def _window_kernel(q_ref, k_ref, v_ref, b_ref, o_ref, *, groups: int, per_window_bias: bool, precision):
+    """One grid step: ``groups`` windows of one head. Refs: q, k, v, o ``[G, 1, Np, d]``, bias ``[G or 1, 1, Np,
+    Np]``. Rounding follows the einsum path: logits in the compute dtype, bias added there, softmax in f32."""
+    for g in range(groups):
+        q, k, v = q_ref[g, 0], k_ref[g, 0], v_ref[g, 0]
+        s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32)
+        s = (s.astype(q.dtype) + b_ref[g if per_window_bias else 0, 0]).astype(jnp.float32)
+        p = jnp.exp(s - jnp.max(s, axis=1, keepdims=True))
+        p = p / jnp.sum(p, axis=1, keepdims=True)
+        o = jax.lax.dot_general(
+            p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
+        )
+        o_ref[g, 0] = o.astype(o_ref.dtype)
+
+
+def _windows_per_step(bw: int, nwb: int, layout: str) -> int:
+    """Windows per grid step: 1 on Triton (its blocks are 2-D tiles), up to 8 on TPU (fewer, larger steps)."""
+    if layout != "tpu":
+        return 1
+    return next(g for g in (8, 4, 2, 1) if bw % g == 0 and (nwb == 1 or nwb % g == 0))
+
+
+def _pallas_forward(q, k, v, full, layout: str, interpret: bool) -> jax.Array:
+    """q, k, v ``[BW, heads, Np, d]``, ``full`` ``[nWb, heads, Np, Np]`` -> ``[BW, heads, Np, d]``.
+
+    ``layout``: ``'cuda'`` (Triton) or ``'tpu'`` (Mosaic) blocking and compiler parameters; ``interpret``: run
+    the kernel with Pallas' interpreter instead (any platform; how the CPU runs both layouts)."""
+    from jax.experimental import pallas as pl
+
+    bw, heads, n_pad, d = q.shape
+    nwb = full.shape[0]
+    groups = _windows_per_step(bw, nwb, layout)
+    tile = pl.BlockSpec((groups, 1, n_pad, d), lambda w, h: (w, h, 0, 0))
+    if nwb > 1:
+        bias_spec = pl.BlockSpec((groups, 1, n_pad, n_pad), lambda w, h: (w % (nwb // groups), h, 0, 0))
+    else:
+        bias_spec = pl.BlockSpec((1, 1, n_pad, n_pad), lambda w, h: (0, h, 0, 0))
+    compiler_params = None
+    if interpret:
+        pass
+    elif layout == "cuda":
+        from jax.experimental.pallas import triton as pl_triton
+
+        compiler_params = pl_triton.CompilerParams(num_warps=4, num_stages=1)
+    elif layout == "tpu":
+        from jax.experimental.pallas import tpu as pl_tpu
+
+        compiler_params = pl_tpu.CompilerParams(dimension_semantics=("parallel", "parallel"))
+    kernel = functools.partial(_window_kernel, groups=groups, per_window_bias=nwb > 1, precision=_matmul_precision())
+    return pl.pallas_call(
+        kernel,
+        grid=(bw // groups, heads),
+        in_specs=[tile, tile, tile, bias_spec],
+        out_specs=tile,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        interpret=interpret,
+        compiler_params=compiler_params,
+        name="swin_window_attention",
+    )(q, k, v, full)
+
+
+def _reference(q, k, v, full) -> jax.Array:
+    """The kernel's function in plain JAX (same layout and rounding): its backward pass."""
+    bw, heads, n_pad, _ = q.shape
+    nwb = full.shape[0]
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k)
+    s = (s.reshape(-1, nwb, heads, n_pad, n_pad) + full.astype(s.dtype)).reshape(bw, heads, n_pad, n_pad)
+    p = jax.nn.softmax(s.astype(jnp.float32), axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bhkd->bhqd", p, v)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _pallas_attention(q, k, v, full, layout: str, interpret: bool) -> jax.Array:
+    return _pallas_forward(q, k, v, full, layout, interpret)
+
+
+def _pallas_fwd(q, k, v, full, layout, interpret):
+    return _pallas_forward(q, k, v, full, layout, interpret), (q, k, v, full)
+
+
+def _pallas_bwd(layout, interpret, residuals, g):
+    del layout, interpret
+    _, vjp = jax.vjp(_reference, *residuals)
+    return vjp(g)
+
+
+_pallas_attention.defvjp(_pallas_fwd, _pallas_bwd)
+
+
+def _pallas(q, k, v, bias, mask, platform: str) -> jax.Array:
+    n = q.shape[1]
+    layout = "tpu" if platform == "tpu" else "cuda"  # the CPU interprets Triton's layout: CPU tests cover it
+    n_pad = _padded_tokens(n, layout)
+    full = _bias_and_mask(bias, mask, n_pad, q.dtype)
+
+    def heads_major(t):  # [BW, N, heads, d] -> [BW, heads, Np, d]
+        return _pad_tokens(t, n_pad).transpose(0, 2, 1, 3)
+
+    out = _pallas_attention(heads_major(q), heads_major(k), heads_major(v), full, layout, platform == "cpu")
+    return out.transpose(0, 2, 1, 3)[:, :n]
+
+
+def window_attention(impl: str, q, k, v, bias, mask: np.ndarray | None) -> jax.Array:
+    """Attention in each window with ``impl`` (a resolved name, not ``'einsum'``, which the module runs itself).
+
+    Args:
+        impl: ``'xla'``, ``'cudnn'`` or ``'pallas'`` (see :func:`resolve`).
+        q, k, v: ``[B * nW, N, heads, d]``, q already scaled.
+        bias: relative position bias ``[heads, N, N]``.
+        mask: shift mask ``[nW, N, N]`` or None.
+
+    Returns:
+        ``[B * nW, N, heads, d]``.
+    """
+    if impl == "xla":
+        return _dot_product(q, k, v, bias, mask, "xla", pad=False)
+    if impl == "cudnn":  # elsewhere, cuDNN's padded layout through XLA (how the CPU tests cover it)
+        return _dot_product(q, k, v, bias, mask, "cudnn" if target_platform() == "cuda" else "xla", pad=True)
+    if impl == "pallas":
+        return _pallas(q, k, v, bias, mask, target_platform())
+    raise ValueError(f"window_attention does not run {impl!r}")
