@@ -57,6 +57,14 @@ FUSED_EXTRA = ["timm-eager-fp32-fused", "timm-train-eager-fp32-fused"]
 # swin-jax with the per-block backward cut forced on (SWIN_JAX_BACKWARD_CUT=always; by default it applies on
 # the CPU only): an A/B on a GPU, run when named in --variants
 CUT_EXTRA = ["jax-train-bf16-cut", "jax-train-fp32-cut"]
+# swin-jax with an explicit attention implementation (create_model(attn_impl=...); the plain rows run 'auto'):
+# VARIANT@IMPL, run when named in --variants
+ATTN_EXTRA = [
+    f"jax-{kind}{dtype}@{impl}"
+    for kind in ("", "train-")
+    for dtype in ("fp32", "bf16")
+    for impl in ("einsum", "xla", "cudnn", "pallas")
+]
 TRAIN = ["jax-train-fp32", "timm-train-eager-fp32"]
 TRAIN_GPU = [
     "jax-train-bf16",
@@ -183,6 +191,7 @@ def _jax_worker(
     if variant.endswith("-cut"):  # read when the step is traced
         os.environ["SWIN_JAX_BACKWARD_CUT"] = "always"
     variant = variant.removesuffix("-cut")
+    variant, _, attn_impl = variant.partition("@")
     import jax
 
     if variant.endswith("-highest"):
@@ -200,11 +209,15 @@ def _jax_worker(
     train = "train" in variant
     # inference stores bf16 weights too; training keeps fp32 master weights and computes in bf16
     param_dtype = jnp.bfloat16 if (bf16 and not train) else jnp.float32
-    model = swin_jax.create_model(model_name, dtype=dtype, param_dtype=param_dtype)
+    model = swin_jax.create_model(model_name, dtype=dtype, param_dtype=param_dtype, attn_impl=attn_impl or "auto")
     size = model.img_size
     x = jnp.asarray(np.random.default_rng(0).standard_normal((batch, *size, 3)), jnp.float32)
     gpu = jax.default_backend() == "gpu"
     out = {"settings": {"jax_default_matmul_precision": jax.config.jax_default_matmul_precision or "default"}}
+    from swin_jax.attention import resolve
+
+    out["settings"]["attn_impl"] = f"{attn_impl or 'auto'} (runs {resolve(attn_impl or 'auto')})"
+    out["settings"]["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "")
     if not train:
         forward = swin_jax.compile_forward(model)
         t = time.perf_counter()
@@ -443,7 +456,7 @@ def _finish_rows(rows: list[dict], parts: list[dict], flops: float | None) -> No
             factor = TRAIN_FLOPS_FACTOR if row["kind"] == "train" else 1.0
             row["fraction_of_matmul_peak"] = row["img_s"] * flops * factor / 1e12 / peak
         gpu = part["device"].get("backend") == "gpu"
-        for ratio, want in REFS.get(row["variant"], {}).items():
+        for ratio, want in REFS.get(row["variant"].split("@")[0], {}).items():
             if not gpu:
                 want = want.replace("bf16", "fp32")  # on CPU timm runs fp32 only
             match = [
@@ -573,10 +586,10 @@ def main(argv: list[str] | None = None) -> int:
     infer = INFER + (INFER_GPU + (INFER_GPU_EXTRA if args.variants else []) if gpu else [])
     train = (TRAIN + (TRAIN_GPU if gpu else [])) if train_batch else []
     if args.variants:
-        infer += [v for v in FUSED_EXTRA if "train" not in v]
-        train += [v for v in FUSED_EXTRA + CUT_EXTRA if "train" in v] if train_batch else []
+        infer += [v for v in FUSED_EXTRA + ATTN_EXTRA if "train" not in v]
+        train += [v for v in FUSED_EXTRA + CUT_EXTRA + ATTN_EXTRA if "train" in v] if train_batch else []
     if args.variants:
-        known = INFER + INFER_GPU + INFER_GPU_EXTRA + TRAIN + TRAIN_GPU + FUSED_EXTRA + CUT_EXTRA
+        known = INFER + INFER_GPU + INFER_GPU_EXTRA + TRAIN + TRAIN_GPU + FUSED_EXTRA + CUT_EXTRA + ATTN_EXTRA
         unknown = set(args.variants) - set(known)
         if unknown:
             p.error(f"unknown variants: {sorted(unknown)}")

@@ -11,9 +11,13 @@
 #      torch.compile, then timm + torch.compile with fused attention (TIMM_FUSED_ATTN=2);
 #   3. inference, bf16, batch 256: swin-jax (traced) against the two timm torch.compile rows, with the
 #      bf16 matmul peak measured in the same run;
-#   4. the same bf16 training step with the per-block backward cut forced on (SWIN_JAX_BACKWARD_CUT=always:
+#   4. parity of every attention implementation on the GPU (fp32 at 'highest' and bf16, a small Swin);
+#   5. inference, bf16, each attention implementation (xla, cudnn, pallas) at batch 256, then 64 and 1;
+#   6. the same bf16 training step with the per-block backward cut forced on (SWIN_JAX_BACKWARD_CUT=always:
 #      does the fusion problem it fixes on the CPU exist on the GPU?);
-#   5. host time per training-step call (benchmarks/host_time.py), then fp32 training like-for-like.
+#   7. host time per training-step call (benchmarks/host_time.py), then fp32 training like-for-like;
+#   8. XLA flag variants of bf16 inference at batch 256, one try each: no command buffers, cuDNN layer norm,
+#      autotune level 0.
 # A dry run on the CPU (small model and batches, to check the script, not to measure):
 #   MODEL=swin_tiny_patch4_window7_224 TRAIN_BATCH=2 INFER_BATCH=2 bash benchmarks/gpu_check.sh /tmp/dry
 # Afterwards, here: python benchmarks/bench.py --merge OUTDIR/train-bf16.json OUTDIR/infer-bf16.json \
@@ -37,9 +41,18 @@ bench --no-peak --profile --train-batch ${TRAIN_BATCH:-64} --out "$out/train-bf1
     jax-train-bf16 timm-train-compile-bf16 timm-train-compile-bf16-fused
 bench --profile --batches ${INFER_BATCH:-256} --train-batch 0 --out "$out/infer-bf16.json" --variants \
     jax-bf16 timm-compile-bf16-fused timm-compile-bf16
+[ "$(left)" -gt 60 ] && timeout "$(left)" python benchmarks/gpu_parity.py --model swin_tiny_patch4_window7_224 \
+    --batch 4 --attn-impls auto xla cudnn pallas --out "$out/parity-attn.json"
+bench --no-peak --batches ${INFER_BATCH:-256} ${SMALL_BATCHES:-64 1} --train-batch 0 --out "$out/infer-attn.json" \
+    --variants jax-bf16@xla jax-bf16@cudnn jax-bf16@pallas
 bench --no-peak --profile --train-batch ${TRAIN_BATCH:-64} --out "$out/train-bf16-cut.json" --variants \
     jax-train-bf16-cut
 [ "$(left)" -gt 60 ] && timeout "$(left)" python benchmarks/host_time.py --model "$model" --out "$out/host_time.json"
 bench --no-peak --profile --train-batch ${TRAIN_BATCH:-64} --out "$out/train-fp32.json" --variants \
     jax-train-fp32 timm-train-compile-fp32
+for flags in --xla_gpu_enable_command_buffer= --xla_gpu_enable_cudnn_layer_norm=true --xla_gpu_autotune_level=0; do
+    name=${flags#--xla_gpu_}; name=${name%%=*}
+    XLA_FLAGS="$flags" bench --no-peak --batches ${INFER_BATCH:-256} --train-batch 0 \
+        --out "$out/infer-flag-$name.json" --variants jax-bf16
+done
 echo "done after $SECONDS s"
