@@ -4,7 +4,7 @@
 # parts, one call each, joined afterwards with `python benchmarks/bench.py --merge`.
 #
 #   bash benchmarks/gpu_runs.sh PART OUTDIR     # PART: 1 (env, parity, inference 256), 2 (training 64),
-#                                               #       3 (inference 64 and 1), 4 (attention experiment)
+#                                               #       3 (inference 64 and 1), 4 (attention implementations)
 #   python benchmarks/bench.py --merge OUTDIR/gpu-part1.json OUTDIR/gpu-part2.json OUTDIR/gpu-part3.json \
 #       --out benchmarks/results/gpu-h100.json
 # The parts must run on the same machine (bench.py --merge checks the GPU UUID) for the ratios to hold.
@@ -37,7 +37,10 @@ case $part in
         jax-bf16 timm-compile-bf16 timm-eager-bf16 jax-fp32 timm-eager-fp32 timm-compile-fp32
     ;;
 4)
-    timeout "$(left)" python benchmarks/attention_experiment.py --out "$out/gpu-attention-experiment.json"
+    timeout 200 python benchmarks/gpu_parity.py --model swin_tiny_patch4_window7_224 --batch 4 \
+        --attn-impls auto xla cudnn pallas --out "$out/parity-attn.json"
+    bench --batches 256 64 1 --train-batch 0 --out "$out/gpu-part4.json" --variants \
+        jax-bf16@einsum jax-bf16@xla jax-bf16@cudnn jax-bf16@pallas
     ;;
 *)
     echo "unknown part $part" >&2
