@@ -342,6 +342,12 @@ def test_initializers_draw_flax_values(dtype, shapes):
     assert np.abs(x).max() <= 0.04 and 0.015 < x.std() < 0.02  # truncated at 2 std
 
 
+# The tests that run the model eagerly (op by op: each op compiles once per shape, ~12 s on a 2-core CPU for the
+# first call) run on one xdist worker, so that warm-up is paid once.
+EAGER = pytest.mark.xdist_group("eager")
+
+
+@EAGER
 def test_jit_equals_eager(small_pair):
     _, model, x = small_pair
     jitted = np.asarray(jax.jit(lambda m, x: m(x))(model, x))
@@ -350,6 +356,7 @@ def test_jit_equals_eager(small_pair):
     assert_close(jitted, eager, what="jit vs eager")
 
 
+@EAGER
 def test_train_mode_drop_path(small_pair):
     _, _, x = small_pair
     kw = dict(SMALL, drop_path_rate=0.5)
@@ -367,6 +374,7 @@ def test_train_mode_drop_path(small_pair):
     assert_close(out, _timm_call(tm, x), what="eval after train")
 
 
+@EAGER
 def test_train_mode_dropout(small_pair):
     _, _, x = small_pair
     kw = dict(SMALL, drop_rate=0.5, proj_drop_rate=0.2, attn_drop_rate=0.2)
@@ -382,6 +390,7 @@ def test_train_mode_dropout(small_pair):
     np.testing.assert_array_equal(np.asarray(model(x)), eval_out)
 
 
+@EAGER
 def test_train_mode_without_drop_rates_equals_eval(small_pair):
     tm, _, x = small_pair
     model = jax_from_timm(tm, TINY, **SMALL)  # drop rates all 0
@@ -439,6 +448,7 @@ def test_bfloat16_params(small_pair):
     )
 
 
+@EAGER
 def test_reset_classifier_7(small_pair):
     _, _, x = small_pair
     tm = timm_model(TINY, **SMALL)
@@ -453,6 +463,7 @@ def test_reset_classifier_7(small_pair):
     assert_close(np.asarray(model(x)), _timm_call(tm, x), what="logits after reset_classifier(7)")
 
 
+@EAGER
 def test_reset_classifier_0(small_pair):
     tm, _, x = small_pair
     model = jax_from_timm(tm, TINY, **SMALL)
@@ -466,6 +477,7 @@ def test_reset_classifier_0(small_pair):
     assert set(swin_jax.to_timm_state_dict(model)) == set(tm0.state_dict())
 
 
+@EAGER
 def test_reset_classifier_5_max(small_pair):
     _, _, x = small_pair
     tm = timm_model(TINY, **SMALL)
