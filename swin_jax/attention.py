@@ -43,9 +43,10 @@ __all__ = ["IMPLS", "AUTO_PICKS", "attention_impls", "check_attn_impl", "resolve
 
 IMPLS = ("einsum", "xla", "cudnn", "pallas")
 
-# What 'auto' runs on each platform, from measurements (BENCHMARKS.md). On the CPU the einsum path is the
-# fastest measured (Swin-B fp32 batch 8: 'xla' and the folded-mask layouts measured slower); on GPU and TPU
-# only the einsum path has been measured so far, so it stays the pick until a side-by-side run says otherwise.
+# What 'auto' runs on each platform, from measurements (BENCHMARKS.md). On the CPU (Swin-B fp32 batch 8, three
+# runs) 'xla' was within the machine's run-to-run spread of 'einsum' and the padded cuDNN layout slower, so the
+# einsum path stays; on GPU and TPU only the einsum path has been measured so far, so it stays the pick until a
+# side-by-side run says otherwise.
 AUTO_PICKS = {"cpu": "einsum", "cuda": "einsum", "rocm": "einsum", "tpu": "einsum"}
 
 _TARGET: contextvars.ContextVar[str | None] = contextvars.ContextVar("swin_jax_attention_target", default=None)

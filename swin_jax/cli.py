@@ -5,7 +5,8 @@ Commands:
 * ``predict IMAGE [IMAGE ...] [--model NAME] [--weights PATH] [--top-k K]``: classify images with a
   pretrained Swin and print the top-k classes of each.
 * ``export NAME OUTPUT_DIR [--weights SRC | --pretrained] [--dtype bfloat16] [--platforms cpu,cuda,tpu]
-  [--batch-size N] [--method forward_features] [--force]``: one ``jax.export`` artifact (:mod:`swin_jax.export`).
+  [--batch-size N] [--method forward_features] [--attn-impl NAME] [--force]``: one ``jax.export`` artifact
+  (:mod:`swin_jax.export`).
 * ``finetune ...``: fine-tuning (:mod:`swin_jax.finetune`).
 * ``convert ...``: the weight converter (:mod:`swin_jax.convert`).
 
@@ -25,6 +26,8 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
+
+from .attention import attention_impls
 
 __all__ = ["main", "build_parser", "CLIError", "COMMANDS", "DEFAULT_MODEL", "EXIT_ERROR"]
 
@@ -198,6 +201,13 @@ def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
         default="__call__",
         help="what the artifact computes: logits (__call__, the default) or the final feature map",
     )
+    parser.add_argument(
+        "--attn-impl",
+        choices=attention_impls(),
+        default="auto",
+        help="attention implementation (swin_jax.attention_impls(); a Pallas or cuDNN kernel exports for one "
+        "platform at a time)",
+    )
     parser.add_argument("--force", action="store_true", help="replace OUTPUT_DIR if it exists")
 
 
@@ -218,6 +228,7 @@ def _run_export(args: argparse.Namespace) -> int:
     except ExportError as e:
         raise CLIError(str(e)) from None
     model = _load_model(args.model, args.weights, pretrained=args.pretrained, dtype=jnp.dtype(args.dtype))
+    model.set_attn_impl(args.attn_impl)
     if args.weights is None and not args.pretrained:
         print(f"{args._prog}: note: random weights (no --weights or --pretrained)", file=sys.stderr)
     batch = "a symbolic batch" if args.batch_size is None else f"batch {args.batch_size}"

@@ -153,6 +153,7 @@ def _config(model: nnx.Module, exported: jax.export.Exported, name: str, method:
         "num_classes": int(model.num_classes),
         "features_only": bool(getattr(model, "features_only", False)),
         "compute_dtype": jnp.dtype(model.dtype).name,
+        "attn_impl": getattr(model, "attn_impl", "auto"),
         "platforms": list(exported.platforms),
         "swin_jax_version": __version__,
         "jax_version": jax.__version__,

@@ -181,9 +181,11 @@ def test_cli_writes_artifact_and_config_atomically(model, tmp_path):
     proc = _cli(ARCH, str(out), "--weights", str(weights), "--batch-size", "4", "--platforms", "cpu")
     assert proc.returncode == 2 and "exists" in proc.stderr and "--force" in proc.stderr
     assert (out / EXPORT_FILE).read_bytes() == before
-    proc = _cli(ARCH, str(out), "--weights", str(weights), "--batch-size", "4", "--platforms", "cpu", "--force")
+    again = ("--batch-size", "4", "--platforms", "cpu", "--attn-impl", "xla", "--force")
+    proc = _cli(ARCH, str(out), "--weights", str(weights), *again)
     assert proc.returncode == 0, proc.stderr[-3000:]
     config = json.loads((out / EXPORT_CONFIG).read_text())
+    assert config["attn_impl"] == "xla"
     assert config["input_shape"] == [4, 32, 32, 3] and config["platforms"] == ["cpu"]
 
 
