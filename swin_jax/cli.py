@@ -23,6 +23,7 @@ Nothing here imports torch.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -252,20 +253,176 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# main
+# finetune (the training itself: swin_jax.finetune)
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
-    from .finetune import add_cli_arguments  # finetune.py imports orbax and grain only when training runs
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text}")
+    return value
 
-    add_cli_arguments(parser)
+
+def _add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``python -m swin_jax finetune``."""
+    parser.add_argument("--model", required=True, metavar="NAME", help="architecture or arch.tag")
+    parser.add_argument(
+        "--pretrained",
+        metavar="SRC",
+        help="initial weights: 'hub' (the tag's Hub weights), hf-hub:org/repo, or a local checkpoint path "
+        "(default: random init)",
+    )
+    parser.add_argument("--train-dir", required=True, metavar="DIR", help="training ImageFolder (root/<class>/<img>)")
+    parser.add_argument("--val-dir", required=True, metavar="DIR", help="validation ImageFolder (same classes)")
+    parser.add_argument("--num-classes", type=_positive_int, metavar="N", help="default: the training classes")
+    parser.add_argument("--img-size", type=_positive_int, metavar="N", help="input size (default: the model's)")
+    parser.add_argument("--epochs", type=_positive_int, required=True, metavar="N")
+    parser.add_argument("--batch-size", type=_positive_int, required=True, metavar="N")
+    parser.add_argument("--lr", type=_non_negative_float, required=True, metavar="X", help="peak learning rate")
+    parser.add_argument("--layer-decay", type=_non_negative_float, metavar="X", help="layer-wise lr decay, e.g. 0.75")
+    parser.add_argument("--weight-decay", type=_non_negative_float, default=0.05, metavar="X")
+    parser.add_argument("--warmup-epochs", type=int, default=0, metavar="N")
+    parser.add_argument("--label-smoothing", type=_non_negative_float, default=0.1, metavar="X")
+    parser.add_argument(
+        "--scale",
+        type=_non_negative_float,
+        nargs=2,
+        default=(0.08, 1.0),
+        metavar=("LO", "HI"),
+        help="random resized crop area range (default: 0.08 1)",
+    )
+    parser.add_argument("--hflip", type=_non_negative_float, default=0.5, metavar="P", help="flip probability")
+    parser.add_argument(
+        "--color-jitter", type=_non_negative_float, default=0.4, metavar="X", help="0 turns it off (default: 0.4)"
+    )
+    parser.add_argument(
+        "--rand-augment",
+        type=_non_negative_float,
+        nargs=2,
+        metavar=("OPS", "MAG"),
+        help="RandAugment-lite with OPS ops at magnitude MAG in [0, 10] instead of colour jitter, e.g. 2 9",
+    )
+    parser.add_argument("--mixup", type=_non_negative_float, default=0.0, metavar="A", help="Mixup alpha, e.g. 0.8")
+    parser.add_argument("--cutmix", type=_non_negative_float, default=0.0, metavar="A", help="CutMix alpha, e.g. 1.0")
+    parser.add_argument(
+        "--grad-accum", type=_positive_int, default=1, metavar="N", help="batches per optimizer update (default: 1)"
+    )
+    parser.add_argument("--drop-path", type=_non_negative_float, default=0.1, metavar="X", help="stochastic depth")
+    parser.add_argument("--clip-grad", type=_non_negative_float, metavar="NORM", help="clip the global gradient norm")
+    parser.add_argument("--opt-eps", type=_non_negative_float, default=1e-8, metavar="EPS", help="AdamW epsilon")
+    parser.add_argument("--ema-decay", type=_non_negative_float, metavar="X", help="keep an EMA of the weights")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", required=True, metavar="DIR", help="checkpoints, metrics and the final model")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
+    parser.add_argument("--save-every", type=_positive_int, metavar="STEPS", help="default: every epoch")
+    parser.add_argument("--keep", type=_positive_int, default=3, metavar="N", help="checkpoints kept (default: 3)")
+    parser.add_argument("--max-steps", type=_positive_int, metavar="N", help="stop after this many steps")
+    parser.add_argument("--workers", type=int, default=0, metavar="N", help="grain worker processes")
+    group = parser.add_argument_group(
+        "multi-process (several hosts)",
+        "run the same command on every host; all three of --coordinator, --num-processes and --process-id, or "
+        "--distributed alone to let JAX detect the cluster (SLURM, Cloud TPU, MPI). --batch-size is the global batch.",
+    )
+    group.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordination service")
+    group.add_argument("--num-processes", type=_positive_int, metavar="N", help="number of processes")
+    group.add_argument("--process-id", type=int, metavar="I", help="this process's id, 0 .. N-1")
+    group.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() with no arguments")
+    group.add_argument(
+        "--heartbeat-timeout",
+        type=_positive_int,
+        metavar="S",
+        help="seconds before the others stop when a process falls silent (default: JAX's 100)",
+    )
+    parser.add_argument(
+        "--model-args",
+        metavar="JSON",
+        help='architecture overrides, e.g. \'{"embed_dim":32,"depths":[2,2],"num_heads":[2,4],"window_size":4}\'',
+    )
 
 
 def _run_finetune(args: argparse.Namespace) -> int:
-    from .finetune import run_cli
+    """Run ``python -m swin_jax finetune``; people's errors become :class:`CLIError`."""
+    import json
 
-    return run_cli(args)
+    from .finetune import FinetuneError, finetune  # imports orbax and grain only when training runs
+
+    overrides: dict[str, Any] = {}
+    if args.model_args:
+        try:
+            overrides = json.loads(args.model_args)
+        except json.JSONDecodeError as e:
+            raise CLIError(f"--model-args is not valid JSON: {e}") from None
+        if not isinstance(overrides, dict):
+            raise CLIError("--model-args must be a JSON object")
+        overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+    multi = {"coordinator": args.coordinator, "num_processes": args.num_processes, "process_id": args.process_id}
+    distributed: dict[str, Any] | None = None
+    if any(v is not None for v in multi.values()):
+        if any(v is None for v in multi.values()):
+            raise CLIError("give --coordinator, --num-processes and --process-id together (or --distributed alone)")
+        distributed = multi
+    elif args.distributed:
+        distributed = {}
+    if args.heartbeat_timeout is not None:
+        if distributed is None:
+            raise CLIError("--heartbeat-timeout needs --distributed or --coordinator/--num-processes/--process-id")
+        distributed["heartbeat_timeout_s"] = args.heartbeat_timeout
+    pretrained: Any = args.pretrained if args.pretrained is not None else False
+    if pretrained == "hub":
+        pretrained = True
+    try:
+        result = finetune(
+            model=args.model,
+            pretrained=pretrained,
+            train_dir=args.train_dir,
+            val_dir=args.val_dir,
+            num_classes=args.num_classes,
+            img_size=args.img_size,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            layer_decay=args.layer_decay,
+            weight_decay=args.weight_decay,
+            warmup_epochs=args.warmup_epochs,
+            label_smoothing=args.label_smoothing,
+            scale=tuple(args.scale),
+            hflip=args.hflip,
+            color_jitter=args.color_jitter or None,
+            rand_augment=None if args.rand_augment is None else (int(args.rand_augment[0]), args.rand_augment[1]),
+            mixup=args.mixup,
+            cutmix=args.cutmix,
+            grad_accum_steps=args.grad_accum,
+            drop_path_rate=args.drop_path,
+            clip_grad_norm=args.clip_grad,
+            opt_eps=args.opt_eps,
+            ema_decay=args.ema_decay,
+            seed=args.seed,
+            output=args.output,
+            resume=args.resume,
+            save_every_steps=args.save_every,
+            keep=args.keep,
+            max_steps=args.max_steps,
+            worker_count=args.workers,
+            distributed=distributed,
+            **overrides,
+        )
+    except FinetuneError as e:
+        raise CLIError(str(e)) from None
+    except TypeError as e:  # an unknown --model-args key
+        if "--model-args" in str(e) or "unexpected keyword" in str(e):
+            raise CLIError(f"bad --model-args: {e}") from None
+        raise
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------------------
 
 
 def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:

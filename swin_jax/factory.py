@@ -1,8 +1,11 @@
-"""``create_model``: timm's ``create_model`` for the Swin family, returning an NNX module."""
+"""``create_model``: timm's ``create_model`` for the Swin family, returning an NNX module, and pretrained loading
+(:func:`load_pretrained`: a checkpoint read by :mod:`swin_jax.hub`, adapted as timm does, into an abstract model)."""
 
 from __future__ import annotations
 
 import inspect
+import os
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -10,10 +13,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .hub import HF_HUB_PREFIX, CheckpointError, FreshHeadWarning, resolve_checkpoint
 from .model import SwinTransformer
 from .registry import ARCHITECTURES, get_arch_config, get_pretrained_cfg, split_model_name
+from .weights import WeightMismatchError, filter_timm_checkpoint, load_timm_state_dict, timm_param_shapes
 
-__all__ = ["create_model", "build_model", "build_abstract_model"]
+__all__ = ["create_model", "build_model", "build_abstract_model", "load_pretrained"]
 
 DEFAULT_OUT_INDICES = (0, 1, 2, 3)
 
@@ -102,6 +107,106 @@ def resolve_model_kwargs(
     return kwargs, pretrained_cfg
 
 
+def _checkpoint_arch_args(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Architecture arguments a checkpoint's config.json records (timm's ``model_args``, ours ``model_kwargs``)."""
+    args = dict(config.get("model_args") or {})
+    args.update(config.get("model_kwargs") or {})
+    args = {k: v for k, v in args.items() if k in ARCH_OVERRIDES or k in ("img_size", "window_size", "in_chans")}
+    for key, value in args.items():
+        if isinstance(value, list):
+            args[key] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+    return args
+
+
+def load_pretrained(
+    name: str,
+    pretrained: bool | str | os.PathLike,
+    model_kwargs: dict[str, Any],
+    pretrained_cfg: dict[str, Any],
+    *,
+    num_classes: int | None,
+    explicit: set[str],
+    seed: int = 0,
+) -> nnx.Module:
+    """Build the model abstractly and fill it from a checkpoint, adapting it as timm does.
+
+    Args:
+        name: the requested model name (``arch`` or ``arch.tag``).
+        pretrained: the source (see module docstring).
+        model_kwargs: SwinTransformer kwargs resolved by create_model.
+        pretrained_cfg: the registry's pretrained cfg for the name.
+        num_classes: the caller's ``num_classes`` (None: take the checkpoint's).
+        explicit: names of the kwargs the caller passed explicitly (a checkpoint's config won't override them).
+        seed: seed of the RNG streams (dropout) and of a fresh head.
+
+    A different ``img_size`` / ``window_size`` resizes the relative position tables; a different
+    ``num_classes`` leaves a fresh head (with a warning); ``num_classes=0`` / ``features_only`` drop it.
+    """
+    arch = pretrained_cfg["architecture"]
+    ckpt = resolve_checkpoint(name, pretrained, pretrained_cfg)
+    config = ckpt.config
+    ckpt_arch = config.get("architecture")
+    if ckpt_arch and ckpt_arch != arch:
+        raise CheckpointError(
+            f"{ckpt.source} holds weights for {ckpt_arch!r}, not {arch!r}: create the model as "
+            f"create_model({ckpt_arch!r}, pretrained=...)"
+        )
+    for key, value in _checkpoint_arch_args(config).items():
+        if key not in explicit:
+            model_kwargs[key] = value  # create_model records the final kwargs as model.model_args
+    kwargs = model_kwargs
+    head_w = ckpt.get("head.fc.weight", ckpt.get("head.weight"))
+    weights_classes = 0 if head_w is None else int(head_w.shape[0])
+    if "num_classes" in config and int(config["num_classes"]) != weights_classes:
+        raise CheckpointError(
+            f"{ckpt.source} is inconsistent: its config.json says num_classes={config['num_classes']}, its "
+            f"classifier has {weights_classes} classes"
+        )
+    if num_classes is None:
+        kwargs["num_classes"] = weights_classes  # a headless checkpoint gives a headless model, never a random head
+    model = build_abstract_model(kwargs, seed)
+    state = filter_timm_checkpoint(ckpt, model)
+    fresh_head = False
+    if model.head is not None and model.head.fc is not None:
+        have = state.get("head.fc.weight")
+        if have is None or have.shape[0] != model.num_classes:
+            got = "no classifier" if have is None else f"{have.shape[0]} classes"
+            warnings.warn(
+                f"{ckpt.source} has {got}, the model has num_classes={model.num_classes}: the classifier "
+                f"(head.fc) is freshly initialized, for fine-tuning",
+                FreshHeadWarning,
+                stacklevel=3,
+            )
+            state = {k: v for k, v in state.items() if not k.startswith("head.")}
+            fresh_head = True
+    try:
+        if fresh_head:
+            model.reset_classifier(model.num_classes, rngs=nnx.Rngs(seed))
+            _, unexpected = load_timm_state_dict(model, state, strict=False)
+            missing = [k for k in timm_param_shapes(model) if k not in state and not k.startswith("head.fc.")]
+            if missing or unexpected:
+                raise WeightMismatchError(missing, unexpected, [])
+        else:
+            load_timm_state_dict(model, state, strict=True)
+    except WeightMismatchError as e:
+        raise CheckpointError(f"{ckpt.source} does not fit {name}: {e}") from None
+    cfg = dict(pretrained_cfg)
+    ckpt_cfg = config.get("pretrained_cfg") or {}
+    cfg.update({k: tuple(v) if isinstance(v, list) else v for k, v in ckpt_cfg.items()})
+    cfg["architecture"] = arch
+    cfg["num_classes"] = model.num_classes
+    if pretrained is not True:  # record where the weights came from, as timm does
+        for key in ("hf_hub_id", "url", "file"):
+            cfg.pop(key, None)
+        source = str(pretrained)
+        if source.startswith(HF_HUB_PREFIX):
+            cfg["hf_hub_id"] = source[len(HF_HUB_PREFIX) :]
+        else:
+            cfg["file"] = ckpt.source
+    model.pretrained_cfg = cfg
+    return model
+
+
 def create_model(
     name: str,
     *,
@@ -154,8 +259,6 @@ def create_model(
     options = {k: v for k, v in locals().items() if k in _OWN and k != "rngs"}
     kwargs, pretrained_cfg = resolve_model_kwargs(name, options, arch_overrides)
     if pretrained is not False and pretrained is not None:
-        from .hub import load_pretrained
-
         # what the caller set wins over a checkpoint's config.json (in_chans=3, the default, does not count)
         explicit = set(arch_overrides) | {k for k, v in (("img_size", img_size), ("window_size", window_size)) if v}
         explicit |= {"in_chans"} if in_chans != 3 else set()

@@ -23,7 +23,6 @@ import os
 import pickle
 import shutil
 import tempfile
-import warnings
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -33,11 +32,7 @@ import numpy as np
 from flax import nnx
 
 from .weights import (
-    WeightMismatchError,
-    filter_timm_checkpoint,
     flax_to_timm_state_dict,
-    load_timm_state_dict,
-    timm_param_shapes,
     to_flax_state_dict,
     to_timm_state_dict,
 )
@@ -50,7 +45,6 @@ __all__ = [
     "read_checkpoint",
     "read_state_dict",
     "download_from_hub",
-    "load_pretrained",
     "save_pretrained",
     "FLAX_WEIGHTS_NAME",
     "FLAX_FORMAT",
@@ -281,110 +275,6 @@ def resolve_checkpoint(
     raise TypeError(
         f"pretrained must be True, False, 'hf-hub:org/repo' or a path, got {type(pretrained).__name__} {pretrained!r}"
     )
-
-
-def _checkpoint_arch_args(config: Mapping[str, Any]) -> dict[str, Any]:
-    """Architecture arguments a checkpoint's config.json records (timm's ``model_args``, ours ``model_kwargs``)."""
-    from .factory import ARCH_OVERRIDES
-
-    args = dict(config.get("model_args") or {})
-    args.update(config.get("model_kwargs") or {})
-    args = {k: v for k, v in args.items() if k in ARCH_OVERRIDES or k in ("img_size", "window_size", "in_chans")}
-    for key, value in args.items():
-        if isinstance(value, list):
-            args[key] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
-    return args
-
-
-def load_pretrained(
-    name: str,
-    pretrained: bool | str | os.PathLike,
-    model_kwargs: dict[str, Any],
-    pretrained_cfg: dict[str, Any],
-    *,
-    num_classes: int | None,
-    explicit: set[str],
-    seed: int = 0,
-) -> nnx.Module:
-    """Build the model abstractly and fill it from a checkpoint, adapting it as timm does.
-
-    Args:
-        name: the requested model name (``arch`` or ``arch.tag``).
-        pretrained: the source (see module docstring).
-        model_kwargs: SwinTransformer kwargs resolved by create_model.
-        pretrained_cfg: the registry's pretrained cfg for the name.
-        num_classes: the caller's ``num_classes`` (None: take the checkpoint's).
-        explicit: names of the kwargs the caller passed explicitly (a checkpoint's config won't override them).
-        seed: seed of the RNG streams (dropout) and of a fresh head.
-
-    A different ``img_size`` / ``window_size`` resizes the relative position tables; a different
-    ``num_classes`` leaves a fresh head (with a warning); ``num_classes=0`` / ``features_only`` drop it.
-    """
-    from .factory import build_abstract_model
-
-    arch = pretrained_cfg["architecture"]
-    ckpt = resolve_checkpoint(name, pretrained, pretrained_cfg)
-    config = ckpt.config
-    ckpt_arch = config.get("architecture")
-    if ckpt_arch and ckpt_arch != arch:
-        raise CheckpointError(
-            f"{ckpt.source} holds weights for {ckpt_arch!r}, not {arch!r}: create the model as "
-            f"create_model({ckpt_arch!r}, pretrained=...)"
-        )
-    for key, value in _checkpoint_arch_args(config).items():
-        if key not in explicit:
-            model_kwargs[key] = value  # create_model records the final kwargs as model.model_args
-    kwargs = model_kwargs
-    head_w = ckpt.get("head.fc.weight", ckpt.get("head.weight"))
-    weights_classes = 0 if head_w is None else int(head_w.shape[0])
-    if "num_classes" in config and int(config["num_classes"]) != weights_classes:
-        raise CheckpointError(
-            f"{ckpt.source} is inconsistent: its config.json says num_classes={config['num_classes']}, its "
-            f"classifier has {weights_classes} classes"
-        )
-    if num_classes is None:
-        kwargs["num_classes"] = weights_classes  # a headless checkpoint gives a headless model, never a random head
-    model = build_abstract_model(kwargs, seed)
-    state = filter_timm_checkpoint(ckpt, model)
-    fresh_head = False
-    if model.head is not None and model.head.fc is not None:
-        have = state.get("head.fc.weight")
-        if have is None or have.shape[0] != model.num_classes:
-            got = "no classifier" if have is None else f"{have.shape[0]} classes"
-            warnings.warn(
-                f"{ckpt.source} has {got}, the model has num_classes={model.num_classes}: the classifier "
-                f"(head.fc) is freshly initialized, for fine-tuning",
-                FreshHeadWarning,
-                stacklevel=3,
-            )
-            state = {k: v for k, v in state.items() if not k.startswith("head.")}
-            fresh_head = True
-    try:
-        if fresh_head:
-            model.reset_classifier(model.num_classes, rngs=nnx.Rngs(seed))
-            _, unexpected = load_timm_state_dict(model, state, strict=False)
-            missing = [k for k in timm_param_shapes(model) if k not in state and not k.startswith("head.fc.")]
-            if missing or unexpected:
-                raise WeightMismatchError(missing, unexpected, [])
-        else:
-            load_timm_state_dict(model, state, strict=True)
-    except WeightMismatchError as e:
-        raise CheckpointError(f"{ckpt.source} does not fit {name}: {e}") from None
-    cfg = dict(pretrained_cfg)
-    ckpt_cfg = config.get("pretrained_cfg") or {}
-    cfg.update({k: tuple(v) if isinstance(v, list) else v for k, v in ckpt_cfg.items()})
-    cfg["architecture"] = arch
-    cfg["num_classes"] = model.num_classes
-    if pretrained is not True:  # record where the weights came from, as timm does
-        for key in ("hf_hub_id", "url", "file"):
-            cfg.pop(key, None)
-        source = str(pretrained)
-        if source.startswith(HF_HUB_PREFIX):
-            cfg["hf_hub_id"] = source[len(HF_HUB_PREFIX) :]
-        else:
-            cfg["file"] = ckpt.source
-    model.pretrained_cfg = cfg
-    return model
 
 
 # ----------------------------------------------------------------------------------------------------------
