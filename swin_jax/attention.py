@@ -112,6 +112,10 @@ def _bias_and_mask(bias: jax.Array, mask: np.ndarray | None, n_pad: int, dtype) 
     return full
 
 
+def _round_up(n: int, multiple: int) -> int:
+    return n + (-n % multiple)
+
+
 def _pad_tokens(t: jax.Array, n_pad: int) -> jax.Array:
     n = t.shape[1]
     return t if n_pad == n else jnp.pad(t, ((0, 0), (0, n_pad - n), (0, 0), (0, 0)))
@@ -121,7 +125,7 @@ def _dot_product(q, k, v, bias, mask, implementation: str, pad: bool) -> jax.Arr
     """``jax.nn.dot_product_attention`` with the windows folded into the heads; ``pad``: tokens padded to a
     multiple of 8 with masked keys (cuDNN's layout)."""
     bw, n, heads, d = q.shape
-    n_pad = n + (-n % 8) if pad else n
+    n_pad = _round_up(n, 8) if pad else n
     full = _bias_and_mask(bias, mask, n_pad, q.dtype)
     nwb = full.shape[0]
     q, k, v = (_pad_tokens(t, n_pad) for t in (q, k, v))
@@ -147,7 +151,7 @@ def _padded_tokens(n: int, layout: str) -> int:
     """Tokens per window in the kernel: a power of two (at least 16) for Triton's blocks and dots
     (``layout='cuda'``), a multiple of 8 (sublanes) on TPU."""
     if layout == "tpu":
-        return n + (-n % 8)
+        return _round_up(n, 8)
     return max(16, 1 << (n - 1).bit_length())
 
 
@@ -194,14 +198,12 @@ def _pallas_forward(q, k, v, full, layout: str, interpret: bool) -> jax.Array:
         bias_spec = pl.BlockSpec((groups, 1, n_pad, n_pad), lambda w, h: (w % (nwb // groups), h, 0, 0))
     else:
         bias_spec = pl.BlockSpec((1, 1, n_pad, n_pad), lambda w, h: (0, h, 0, 0))
-    compiler_params = None
-    if interpret:
-        pass
-    elif layout == "cuda":
+    compiler_params = None  # the interpreter takes none
+    if not interpret and layout == "cuda":
         from jax.experimental.pallas import triton as pl_triton
 
         compiler_params = pl_triton.CompilerParams(num_warps=4, num_stages=1)
-    elif layout == "tpu":
+    elif not interpret and layout == "tpu":
         from jax.experimental.pallas import tpu as pl_tpu
 
         compiler_params = pl_tpu.CompilerParams(dimension_semantics=("parallel", "parallel"))
