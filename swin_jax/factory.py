@@ -13,25 +13,41 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from . import models
 from .hub import HF_HUB_PREFIX, CheckpointError, FreshHeadWarning, resolve_checkpoint
-from .model import SwinTransformer
-from .registry import ARCHITECTURES, get_arch_config, get_pretrained_cfg, split_model_name
+from .models._base import SwinBase
+from .registry import ARCH_FAMILY, ARCHITECTURES, get_arch_config, get_pretrained_cfg, split_model_name
 from .weights import WeightMismatchError, filter_timm_checkpoint, load_timm_state_dict, timm_param_shapes
 
 __all__ = ["create_model", "build_model", "build_abstract_model", "load_pretrained"]
 
 DEFAULT_OUT_INDICES = (0, 1, 2, 3)
 
-# SwinTransformer kwargs a caller may override (**arch_overrides), besides create_model's own arguments
+# model kwargs a caller may override (**arch_overrides), besides create_model's own arguments
 _OWN = {"img_size", "in_chans", "num_classes", "global_pool", "window_size", "strict_img_size"}
 _OWN |= {"drop_path_rate", "features_only", "out_indices", "dtype", "param_dtype", "rngs"}
-ARCH_OVERRIDES = tuple(sorted(set(inspect.signature(SwinTransformer.__init__).parameters) - _OWN - {"self"}))
 
-
-# arguments that shape the weights (recorded in a checkpoint's config.json as timm's "model_args")
+# arguments that shape the weights or the function (recorded in a checkpoint's config.json as timm's "model_args")
 _WEIGHT_ARGS = ("img_size", "patch_size", "in_chans", "embed_dim", "depths", "num_heads", "head_dim", "window_size")
-_WEIGHT_ARGS += ("always_partition", "mlp_ratio", "qkv_bias")
-_SIGNATURE = inspect.signature(SwinTransformer.__init__).parameters
+_WEIGHT_ARGS += ("always_partition", "mlp_ratio", "qkv_bias", "pretrained_window_sizes")
+
+
+def model_class(arch: str) -> type[SwinBase]:
+    """The model class of a registered architecture."""
+    return getattr(models, ARCH_FAMILY[split_model_name(arch)[0]])
+
+
+def _signature(arch: str) -> Mapping[str, inspect.Parameter]:
+    return inspect.signature(model_class(arch).__init__).parameters
+
+
+def overridable_args(arch: str) -> tuple[str, ...]:
+    """The model kwargs ``create_model(arch, **overrides)`` accepts besides its own arguments."""
+    return tuple(sorted(set(_signature(arch)) - _OWN - {"self"}))
+
+
+# every family's overridable kwargs (what a checkpoint's config.json or --model-args may set)
+ARCH_OVERRIDES = tuple(sorted({key for arch in ARCHITECTURES for key in overridable_args(arch)}))
 
 
 def _canonical(value: Any) -> Any:
@@ -43,9 +59,12 @@ def _canonical(value: Any) -> Any:
 def model_args_of(arch: str, model_kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """The weight-shaping arguments of ``model_kwargs`` that differ from the architecture's defaults."""
     base = ARCHITECTURES[arch]
+    signature = _signature(arch)
     out = {}
     for key in _WEIGHT_ARGS:
-        default = base.get(key, _SIGNATURE[key].default)
+        if key not in signature:
+            continue
+        default = base.get(key, signature[key].default)
         value = model_kwargs.get(key, default)
         if key == "img_size":
             value, default = _canonical((value, value) if isinstance(value, int) else value), (default, default)
@@ -54,22 +73,22 @@ def model_args_of(arch: str, model_kwargs: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def build_model(model_kwargs: Mapping[str, Any], seed: int | nnx.Rngs = 0) -> SwinTransformer:
-    """A randomly initialized :class:`SwinTransformer` from its kwargs."""
+def build_model(arch: str, model_kwargs: Mapping[str, Any], seed: int | nnx.Rngs = 0) -> SwinBase:
+    """A randomly initialized model of ``arch``'s family from its kwargs."""
     rngs = seed if isinstance(seed, nnx.Rngs) else nnx.Rngs(seed)
-    return SwinTransformer(**model_kwargs, rngs=rngs)
+    return model_class(arch)(**model_kwargs, rngs=rngs)
 
 
-def build_abstract_model(model_kwargs: Mapping[str, Any], seed: int = 0) -> SwinTransformer:
+def build_abstract_model(arch: str, model_kwargs: Mapping[str, Any], seed: int = 0) -> SwinBase:
     """The model with every parameter abstract (``jax.ShapeDtypeStruct``): nothing is initialized.
 
     Its non-parameter state (RNG streams of dropout / drop path, if any rate is non-zero) is made
     concrete: computed under ``jax.jit``, where XLA drops the unused parameter initialization.
     Fill the parameters with :func:`swin_jax.load_timm_state_dict`.
     """
-    model = nnx.eval_shape(lambda: build_model(model_kwargs, seed))
+    model = nnx.eval_shape(lambda: build_model(arch, model_kwargs, seed))
     if jax.tree_util.tree_leaves(nnx.state(model, nnx.Not(nnx.Param))):
-        rest = jax.jit(lambda: nnx.state(build_model(model_kwargs, seed), nnx.Not(nnx.Param)))()
+        rest = jax.jit(lambda: nnx.state(build_model(arch, model_kwargs, seed), nnx.Not(nnx.Param)))()
         nnx.update(model, rest)
     return model
 
@@ -77,20 +96,21 @@ def build_abstract_model(model_kwargs: Mapping[str, Any], seed: int = 0) -> Swin
 def resolve_model_kwargs(
     name: str, options: Mapping[str, Any], arch_overrides: Mapping[str, Any]
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(SwinTransformer kwargs, pretrained cfg)`` for a model name and create_model's arguments.
+    """``(model kwargs, pretrained cfg)`` for a model name and create_model's arguments.
 
     Args:
         name: ``arch`` or ``arch.tag``.
         options: create_model's own model arguments (``num_classes``, ``img_size``, ...) as given;
             None for ``num_classes`` / ``img_size`` / ``window_size`` means the tag's / arch's.
-        arch_overrides: other SwinTransformer arguments.
+        arch_overrides: other model arguments.
     """
     arch, tag = split_model_name(name)
-    unknown = sorted(set(arch_overrides) - set(ARCH_OVERRIDES))
+    allowed = overridable_args(arch)
+    unknown = sorted(set(arch_overrides) - set(allowed))
     if unknown:
         raise TypeError(
             f"create_model() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
-            f"architecture overrides are: {', '.join(ARCH_OVERRIDES)}"
+            f"{model_class(arch).__name__} overrides are: {', '.join(allowed)}"
         )
     pretrained_cfg = get_pretrained_cfg(f"{arch}.{tag}" if tag else arch)
     kwargs = get_arch_config(arch)
@@ -107,11 +127,12 @@ def resolve_model_kwargs(
     return kwargs, pretrained_cfg
 
 
-def _checkpoint_arch_args(config: Mapping[str, Any]) -> dict[str, Any]:
+def _checkpoint_arch_args(arch: str, config: Mapping[str, Any]) -> dict[str, Any]:
     """Architecture arguments a checkpoint's config.json records (timm's ``model_args``, ours ``model_kwargs``)."""
     args = dict(config.get("model_args") or {})
     args.update(config.get("model_kwargs") or {})
-    args = {k: v for k, v in args.items() if k in ARCH_OVERRIDES or k in ("img_size", "window_size", "in_chans")}
+    keep = set(overridable_args(arch)) | {"img_size", "window_size", "in_chans"}
+    args = {k: v for k, v in args.items() if k in keep}
     for key, value in args.items():
         if isinstance(value, list):
             args[key] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
@@ -133,7 +154,7 @@ def load_pretrained(
     Args:
         name: the requested model name (``arch`` or ``arch.tag``).
         pretrained: the source (see module docstring).
-        model_kwargs: SwinTransformer kwargs resolved by create_model.
+        model_kwargs: model kwargs resolved by create_model.
         pretrained_cfg: the registry's pretrained cfg for the name.
         num_classes: the caller's ``num_classes`` (None: take the checkpoint's).
         explicit: names of the kwargs the caller passed explicitly (a checkpoint's config won't override them).
@@ -151,7 +172,7 @@ def load_pretrained(
             f"{ckpt.source} holds weights for {ckpt_arch!r}, not {arch!r}: create the model as "
             f"create_model({ckpt_arch!r}, pretrained=...)"
         )
-    for key, value in _checkpoint_arch_args(config).items():
+    for key, value in _checkpoint_arch_args(arch, config).items():
         if key not in explicit:
             model_kwargs[key] = value  # create_model records the final kwargs as model.model_args
     kwargs = model_kwargs
@@ -164,7 +185,7 @@ def load_pretrained(
         )
     if num_classes is None:
         kwargs["num_classes"] = weights_classes  # a headless checkpoint gives a headless model, never a random head
-    model = build_abstract_model(kwargs, seed)
+    model = build_abstract_model(arch, kwargs, seed)
     state = filter_timm_checkpoint(ckpt, model)
     fresh_head = False
     if model.head is not None and model.head.fc is not None:
@@ -224,8 +245,8 @@ def create_model(
     param_dtype: Any = jnp.float32,
     rngs: nnx.Rngs | None = None,
     **arch_overrides: Any,
-) -> SwinTransformer:
-    """Create a Swin Transformer by name, with timm's ``create_model`` semantics.
+) -> SwinBase:
+    """Create a Swin Transformer (V1 or V2) by name, with timm's ``create_model`` semantics.
 
     Args:
         name: architecture (``'swin_base_patch4_window7_224'``), optionally with a pretrained tag
@@ -246,11 +267,12 @@ def create_model(
         dtype: compute dtype (e.g. ``jnp.bfloat16``).
         param_dtype: parameter dtype.
         rngs: NNX RNGs for initialization and dropout; ``nnx.Rngs(0)`` if None.
-        **arch_overrides: other SwinTransformer arguments (``embed_dim``, ``depths``, ``num_heads``,
+        **arch_overrides: other arguments of the family's model class (``embed_dim``, ``depths``, ``num_heads``,
             ``mlp_ratio``, ``drop_rate``, ...).
 
     Returns:
-        A :class:`swin_jax.model.SwinTransformer` in eval mode, with ``pretrained_cfg`` set.
+        A :class:`swin_jax.SwinTransformer` (``swin_*``) or :class:`swin_jax.SwinTransformerV2` (``swinv2_*``)
+        in eval mode, with ``pretrained_cfg`` set.
 
     Raises:
         ValueError: unknown model name or tag (with close matches), bad configuration.
@@ -267,7 +289,7 @@ def create_model(
             name, pretrained, kwargs, pretrained_cfg, num_classes=num_classes, explicit=explicit, seed=seed
         )
     else:
-        model = build_model(kwargs, rngs if rngs is not None else nnx.Rngs(0))
+        model = build_model(split_model_name(name)[0], kwargs, rngs if rngs is not None else nnx.Rngs(0))
         model.pretrained_cfg = pretrained_cfg
     model.model_args = model_args_of(model.pretrained_cfg["architecture"], kwargs)
     return model

@@ -1,7 +1,8 @@
-"""Swin V1 architectures and pretrained tags, one table each, as timm registers them.
+"""The Swin family's architectures and pretrained tags, as timm registers them: V1 (``swin_*``) and V2 (``swinv2_*``).
 
-Each pretrained tag carries its data config next to its weights' Hub id, like timm's ``default_cfgs``.
-The default tag of an architecture is its first tag in timm's order (``pretrained=True`` without a tag).
+Each architecture names its family (the model class) and its constructor arguments; each pretrained tag
+carries its data config next to its weights' Hub id, like timm's ``default_cfgs``. The default tag of an
+architecture is its first tag in timm's order (``pretrained=True`` without a tag).
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ from typing import Any
 
 __all__ = [
     "ARCHITECTURES",
+    "ARCH_FAMILY",
     "PRETRAINED_CFGS",
     "IMAGENET_DEFAULT_MEAN",
     "IMAGENET_DEFAULT_STD",
     "list_models",
     "split_model_name",
     "get_arch_config",
+    "get_arch_family",
     "get_pretrained_cfg",
     "default_tag",
 ]
@@ -26,8 +29,8 @@ __all__ = [
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 
-# name -> SwinTransformer kwargs (timm's @register_model entrypoints)
-ARCHITECTURES: dict[str, dict[str, Any]] = {
+# name -> model kwargs (timm's @register_model entrypoints), per family
+_SWIN: dict[str, dict[str, Any]] = {
     "swin_tiny_patch4_window7_224": dict(
         patch_size=4, window_size=7, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)
     ),
@@ -57,11 +60,44 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
     ),
 }
 
+_V2_B = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32))
+_V2_L = dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48))
+_V2_PRETRAINED_12 = dict(pretrained_window_sizes=(12, 12, 12, 6))
+_SWINV2: dict[str, dict[str, Any]] = {
+    "swinv2_tiny_window16_256": dict(
+        img_size=256, window_size=16, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)
+    ),
+    "swinv2_tiny_window8_256": dict(
+        img_size=256, window_size=8, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)
+    ),
+    "swinv2_small_window16_256": dict(
+        img_size=256, window_size=16, embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)
+    ),
+    "swinv2_small_window8_256": dict(
+        img_size=256, window_size=8, embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)
+    ),
+    "swinv2_base_window16_256": dict(img_size=256, window_size=16, **_V2_B),
+    "swinv2_base_window8_256": dict(img_size=256, window_size=8, **_V2_B),
+    "swinv2_base_window12_192": dict(img_size=192, window_size=12, **_V2_B),
+    "swinv2_base_window12to16_192to256": dict(img_size=256, window_size=16, **_V2_B, **_V2_PRETRAINED_12),
+    "swinv2_base_window12to24_192to384": dict(img_size=384, window_size=24, **_V2_B, **_V2_PRETRAINED_12),
+    "swinv2_large_window12_192": dict(img_size=192, window_size=12, **_V2_L),
+    "swinv2_large_window12to16_192to256": dict(img_size=256, window_size=16, **_V2_L, **_V2_PRETRAINED_12),
+    "swinv2_large_window12to24_192to384": dict(img_size=384, window_size=24, **_V2_L, **_V2_PRETRAINED_12),
+}
+
+ARCHITECTURES: dict[str, dict[str, Any]] = {**_SWIN, **_SWINV2}
+# architecture -> model class name in swin_jax.models
+ARCH_FAMILY: dict[str, str] = {
+    **{name: "SwinTransformer" for name in _SWIN},
+    **{name: "SwinTransformerV2" for name in _SWINV2},
+}
+
 _RELEASES = "https://github.com/SwinTransformer/storage/releases/download"
 
 
 def _cfg(arch: str, tag: str, url: str, **kwargs: Any) -> tuple[str, dict[str, Any]]:
-    """timm's ``_cfg`` for Swin plus the Hub id, keyed ``arch.tag``."""
+    """timm's ``_cfg`` for Swin (V1) plus the Hub id, keyed ``arch.tag``."""
     cfg = {
         "architecture": arch,
         "tag": tag,
@@ -89,7 +125,7 @@ _22K = dict(num_classes=21841)
 
 # In timm's order: an architecture's first tag here is its default tag.
 # fmt: off
-PRETRAINED_CFGS: dict[str, dict[str, Any]] = dict(
+_SWIN_CFGS: dict[str, dict[str, Any]] = dict(
     [
         _cfg("swin_small_patch4_window7_224", "ms_in22k_ft_in1k",
              f"{_RELEASES}/v1.0.8/swin_small_patch4_window7_224_22kto1k_finetune.pth"),
@@ -130,12 +166,52 @@ PRETRAINED_CFGS: dict[str, dict[str, Any]] = dict(
 )
 # fmt: on
 
+
+def _cfg_v2(arch: str, tag: str, file: str, **kwargs: Any) -> tuple[str, dict[str, Any]]:
+    """timm's ``_cfg`` of swin_transformer_v2.py (256 px, 8x8 pool) plus the Hub id."""
+    return _cfg(arch, tag, f"{_RELEASES}/v2.0.0/{file}", **{"input_size": (3, 256, 256), "pool_size": (8, 8), **kwargs})
+
+
+_V2_384 = dict(input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0)
+_V2_192_22K = dict(num_classes=21841, input_size=(3, 192, 192), pool_size=(6, 6))
+
+# fmt: off
+_SWINV2_CFGS: dict[str, dict[str, Any]] = dict(
+    [
+        _cfg_v2("swinv2_base_window12to16_192to256", "ms_in22k_ft_in1k",
+                "swinv2_base_patch4_window12to16_192to256_22kto1k_ft.pth"),
+        _cfg_v2("swinv2_base_window12to24_192to384", "ms_in22k_ft_in1k",
+                "swinv2_base_patch4_window12to24_192to384_22kto1k_ft.pth", **_V2_384),
+        _cfg_v2("swinv2_large_window12to16_192to256", "ms_in22k_ft_in1k",
+                "swinv2_large_patch4_window12to16_192to256_22kto1k_ft.pth"),
+        _cfg_v2("swinv2_large_window12to24_192to384", "ms_in22k_ft_in1k",
+                "swinv2_large_patch4_window12to24_192to384_22kto1k_ft.pth", **_V2_384),
+        _cfg_v2("swinv2_tiny_window8_256", "ms_in1k", "swinv2_tiny_patch4_window8_256.pth"),
+        _cfg_v2("swinv2_tiny_window16_256", "ms_in1k", "swinv2_tiny_patch4_window16_256.pth"),
+        _cfg_v2("swinv2_small_window8_256", "ms_in1k", "swinv2_small_patch4_window8_256.pth"),
+        _cfg_v2("swinv2_small_window16_256", "ms_in1k", "swinv2_small_patch4_window16_256.pth"),
+        _cfg_v2("swinv2_base_window8_256", "ms_in1k", "swinv2_base_patch4_window8_256.pth"),
+        _cfg_v2("swinv2_base_window16_256", "ms_in1k", "swinv2_base_patch4_window16_256.pth"),
+        _cfg_v2("swinv2_base_window12_192", "ms_in22k", "swinv2_base_patch4_window12_192_22k.pth", **_V2_192_22K),
+        _cfg_v2("swinv2_large_window12_192", "ms_in22k", "swinv2_large_patch4_window12_192_22k.pth", **_V2_192_22K),
+    ]
+)
+# fmt: on
+
+PRETRAINED_CFGS: dict[str, dict[str, Any]] = {**_SWIN_CFGS, **_SWINV2_CFGS}
+
 # timm's deprecated names, still accepted (with the tag they now mean)
 DEPRECATED_NAMES = {
     "swin_base_patch4_window7_224_in22k": "swin_base_patch4_window7_224.ms_in22k",
     "swin_base_patch4_window12_384_in22k": "swin_base_patch4_window12_384.ms_in22k",
     "swin_large_patch4_window7_224_in22k": "swin_large_patch4_window7_224.ms_in22k",
     "swin_large_patch4_window12_384_in22k": "swin_large_patch4_window12_384.ms_in22k",
+    "swinv2_base_window12_192_22k": "swinv2_base_window12_192.ms_in22k",
+    "swinv2_base_window12to16_192to256_22kft1k": "swinv2_base_window12to16_192to256.ms_in22k_ft_in1k",
+    "swinv2_base_window12to24_192to384_22kft1k": "swinv2_base_window12to24_192to384.ms_in22k_ft_in1k",
+    "swinv2_large_window12_192_22k": "swinv2_large_window12_192.ms_in22k",
+    "swinv2_large_window12to16_192to256_22kft1k": "swinv2_large_window12to16_192to256.ms_in22k_ft_in1k",
+    "swinv2_large_window12to24_192to384_22kft1k": "swinv2_large_window12to24_192to384.ms_in22k_ft_in1k",
 }
 
 
@@ -195,9 +271,15 @@ def default_tag(arch: str) -> str:
 
 
 def get_arch_config(arch: str) -> dict[str, Any]:
-    """A copy of the SwinTransformer kwargs of an architecture."""
+    """A copy of the model kwargs of an architecture."""
     arch, _ = split_model_name(arch)
     return dict(ARCHITECTURES[arch])
+
+
+def get_arch_family(arch: str) -> str:
+    """The model class name (in :mod:`swin_jax.models`) of an architecture, e.g. ``'SwinTransformerV2'``."""
+    arch, _ = split_model_name(arch)
+    return ARCH_FAMILY[arch]
 
 
 def get_pretrained_cfg(name: str) -> dict[str, Any]:

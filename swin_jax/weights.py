@@ -11,10 +11,12 @@ NNX leaf                        timm leaf                    layout
 ``scale`` (LayerNorm)           ``weight``                   same
 ``bias``                        ``bias``                     same
 ``relative_position_bias_table`` same                        same
+``logit_scale`` (V2)            same                         same (``[heads, 1, 1]``)
+``q_bias``, ``v_bias`` (V2)     same                         same
 ==============================  ===========================  =====================================
 
-timm's non-persistent buffers (``relative_position_index``, ``attn_mask``) are ignored; this library
-computes them from the window geometry.
+timm's non-persistent buffers (``relative_position_index``, ``attn_mask``, V2's ``relative_coords_table``
+and ``k_bias``) are ignored; this library computes them from the window geometry.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ __all__ = [
 ]
 
 # timm buffers that are never loaded (recomputed from the window geometry)
-IGNORED_BUFFERS = ("relative_position_index", "attn_mask")
+IGNORED_BUFFERS = ("relative_position_index", "attn_mask", "relative_coords_table", "k_bias")
 
 
 def _identity(a: np.ndarray) -> np.ndarray:
@@ -58,6 +60,9 @@ _RULES: dict[tuple[str, int | None], tuple[str, Callable, Callable]] = {
     ("scale", None): ("weight", _identity, _identity),
     ("bias", None): ("bias", _identity, _identity),
     ("relative_position_bias_table", None): ("relative_position_bias_table", _identity, _identity),
+    ("logit_scale", None): ("logit_scale", _identity, _identity),
+    ("q_bias", None): ("q_bias", _identity, _identity),
+    ("v_bias", None): ("v_bias", _identity, _identity),
 }
 
 
@@ -163,7 +168,7 @@ def load_timm_state_dict(model: nnx.Module, state_dict: Mapping[str, Any], stric
     twice). Values are converted to the model's parameter dtype.
 
     Args:
-        model: a :class:`swin_jax.model.SwinTransformer` (or any module following timm's names).
+        model: a :class:`swin_jax.SwinTransformer` (or any module following timm's names).
         state_dict: timm names -> arrays (numpy, jax, or anything with ``__array__`` such as torch tensors).
         strict: raise if any key is missing or unexpected. Shape mismatches always raise.
 
@@ -348,10 +353,11 @@ def _unwrap(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def filter_timm_checkpoint(state_dict: Mapping[str, Any], model: nnx.Module) -> dict[str, np.ndarray]:
-    """Bring a timm or original Microsoft Swin checkpoint to this model, as timm's ``checkpoint_filter_fn``.
+    """Bring a timm or original Microsoft Swin (V1 or V2) checkpoint to this model, as timm's ``checkpoint_filter_fn``.
 
     * unwraps ``{"model": ...}`` / ``{"state_dict": ...}``;
-    * drops the non-persistent buffers (``relative_position_index``, ``attn_mask``);
+    * drops the non-persistent buffers (``relative_position_index``, ``attn_mask``, V2's ``relative_coords_table``
+      and ``k_bias``);
     * original Microsoft layout (downsample stored at the end of the previous stage, ``head.`` instead
       of ``head.fc.``) is renamed to timm's;
     * relative position tables are resized to the model's (possibly clipped) window per block;
@@ -372,8 +378,10 @@ def filter_timm_checkpoint(state_dict: Mapping[str, Any], model: nnx.Module) -> 
         match = re.fullmatch(r"layers\.(\d+)\.blocks\.(\d+)\.attn\.relative_position_bias_table", key)
         if match and value.ndim == 2:
             stage, block = int(match.group(1)), int(match.group(2))
+            attn = None
             if stage < len(model.layers) and block < len(model.layers[stage].blocks):
                 attn = model.layers[stage].blocks[block].attn
+            if getattr(attn, "relative_position_bias_table", None) is not None:  # a V1 table for a V1 model
                 want = tuple(attn.relative_position_bias_table.shape)
                 if value.shape != want or attn.window_size[0] != attn.window_size[1]:
                     value = resize_rel_pos_bias_table(value, attn.window_size)

@@ -59,3 +59,18 @@ def python() -> str:
 
 def tmp_hf_home() -> Path:
     return Path(tempfile.mkdtemp(prefix="hf_home_"))
+
+
+def ms_state_dict(tmodel: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """timm weights in the original Microsoft layout: downsample at the end of the previous stage,
+    ``head.`` for ``head.fc.``, and the buffers persisted (V1 and V2)."""
+    out = {}
+    for key, value in tmodel.state_dict().items():
+        if key.startswith("layers.") and ".downsample." in key:
+            stage = int(key.split(".")[1])
+            key = key.replace(f"layers.{stage}.downsample.", f"layers.{stage - 1}.downsample.", 1)
+        out[key.replace("head.fc.", "head.")] = value
+    for name, buf in tmodel.named_buffers():
+        if name.endswith(("relative_position_index", "attn_mask", "relative_coords_table")):
+            out[name] = buf
+    return out

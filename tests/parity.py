@@ -3,6 +3,7 @@ weights mapped into swin_jax, and a comparison of outputs at fp32. Tolerances li
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import jax
@@ -17,6 +18,12 @@ from swin_jax.train import cross_entropy
 
 # max|ours - timm| / max|timm| at fp32 on CPU
 FP32_REL_TOL = 1e-5
+# swin_jax in float64 against timm in float64: the same function up to float64 rounding (measured 2e-14 on SwinV2
+# with logit scales up to 100; a wrong constant, a float32 intermediate or a different formula shows at >= 1e-8)
+F64_REL_TOL = 1e-10
+# swin_jax fp32 may be this many times as far from the float64 reference as timm's own fp32 is, where fp32 itself is
+# not exact (SwinV2's cosine logits scaled by up to 100); FP32_REL_TOL always suffices
+FP32_VS_TIMM_FACTOR = 2.0
 # gradients (max|ours - timm| / max|timm| per parameter tensor) at fp32 on CPU
 GRAD_REL_TOL = 1e-4
 
@@ -25,8 +32,10 @@ def randomize_timm_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Give every timm parameter a value that matters, in place.
 
     Linear / conv weights ~ N(0, 1/fan_in), biases ~ N(0, 0.1^2), LayerNorm scales ~ U(0.5, 1.5) and
-    shifts ~ N(0, 0.1^2), relative position bias tables ~ N(0, 1) (so the index and the shift mask
-    are exercised: a wrong table lookup changes the output by O(1)).
+    shifts ~ N(0, 0.1^2) (SwinV2 starts its post-norms at zero, which would make every block the identity),
+    relative position bias tables ~ N(0, 1) (so the index and the shift mask are exercised: a wrong table
+    lookup changes the output by O(1)), SwinV2 logit scales ~ U(1, 6), on both sides of timm's ln(100) =
+    4.6 clamp (cosine logits scaled by 2.7 to 100).
     """
     gen = torch.Generator().manual_seed(seed)
     norm_names = {n for n, m in model.named_modules() if isinstance(m, torch.nn.LayerNorm)}
@@ -35,6 +44,8 @@ def randomize_timm_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             module = name.rsplit(".", 1)[0]
             if name.endswith("relative_position_bias_table"):
                 p.copy_(torch.randn(p.shape, generator=gen))
+            elif name.endswith("logit_scale"):
+                p.copy_(1.0 + 5.0 * torch.rand(p.shape, generator=gen))
             elif module in norm_names and name.endswith("weight"):
                 p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
             elif name.endswith("bias"):
@@ -45,14 +56,30 @@ def randomize_timm_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
+def small_logit_scales_(model: torch.nn.Module) -> torch.nn.Module:
+    """Clamp SwinV2 logit scales to at most 1 (cosine logits within +-e), in place: fp32 is then exact enough to
+    compare with timm's fp32 directly at FP32_REL_TOL, for tests about something else than the large scales."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("logit_scale"):
+                p.clamp_(max=1.0)
+    return model
+
+
 def timm_model(name: str, seed: int = 0, **kwargs: Any) -> torch.nn.Module:
     """A randomized timm model in eval mode (no pretrained weights)."""
     return randomize_timm_(timm.create_model(name, pretrained=False, **kwargs), seed)
 
 
-def jax_from_timm(tmodel: torch.nn.Module, name: str, **kwargs: Any) -> swin_jax.SwinTransformer:
-    """The swin_jax model with the same configuration and the timm model's weights."""
-    model = swin_jax.create_model(name, **kwargs)
+def jax_from_timm(tmodel: torch.nn.Module, name: str, **kwargs: Any) -> nnx.Module:
+    """The swin_jax model with the same configuration and the timm model's weights.
+
+    Built abstractly (nothing is initialized only to be overwritten: eager init of even a tiny Swin takes ~2 s of
+    per-shape compiles) unless it holds RNG streams (dropout / drop path rates), then filled strictly.
+    """
+    model = nnx.eval_shape(lambda: swin_jax.create_model(name, **kwargs))
+    if jax.tree_util.tree_leaves(nnx.state(model, nnx.Not(nnx.Param))):
+        model = swin_jax.create_model(name, **kwargs)
     swin_jax.load_timm_state_dict(model, tmodel.state_dict())
     return model
 
@@ -118,6 +145,65 @@ def assert_parity(model: swin_jax.SwinTransformer, tmodel: torch.nn.Module, x: n
     assert len(ours["maps"]) == len(ref["maps"])
     for i, (a, b) in enumerate(zip(ours["maps"], ref["maps"])):
         errs[f"stage{i}"] = assert_close(a, b, what=f"stage {i} map")
+    return errs
+
+
+def timm_float64(tm: torch.nn.Module) -> torch.nn.Module:
+    """A float64 copy of a timm model, the reference for outputs where fp32 is not exact.
+
+    timm computes SwinV2's ``relative_coords_table`` buffer in float32 whatever the model's dtype; the copy gets the
+    same formula in float64 (swin_jax's table, which ``test_swinv2`` checks against timm's float32 buffer to 1 ulp),
+    so the float64 model is the exact function timm's float32 model approximates.
+    """
+    from swin_jax.models.swin_transformer_v2 import relative_coords_table
+
+    t64 = copy.deepcopy(tm).double().eval()
+    for module in t64.modules():
+        if getattr(module, "relative_coords_table", None) is not None:
+            table = relative_coords_table(tuple(module.window_size), tuple(module.pretrained_window_size))
+            module.relative_coords_table = torch.from_numpy(np.array(table))[None]
+    return t64
+
+
+def jax_float64(t64: torch.nn.Module, name: str, x: np.ndarray, **kwargs: Any) -> dict[str, Any]:
+    """swin_jax's outputs (as :func:`jax_outputs`) in float64 with a float64 timm model's weights, under
+    ``jax.enable_x64``."""
+    with jax.enable_x64(True):
+        model = jax_from_timm(t64, name, dtype=jnp.float64, param_dtype=jnp.float64, **kwargs)
+        return jax_outputs(model, x.astype(np.float64))
+
+
+def _flat_outputs(out: dict[str, Any]) -> dict[str, Any]:
+    flat = {k: out[k] for k in ("logits", "features", "pre_logits")}
+    flat.update({f"stage{i}": m for i, m in enumerate(out["maps"])})
+    return flat
+
+
+def assert_parity_float64(
+    model: nnx.Module, tm: torch.nn.Module, name: str, x: np.ndarray, structural: bool = True, **kwargs: Any
+) -> dict[str, dict[str, float]]:
+    """Parity judged against float64, for functions where fp32 is not exact.
+
+    * swin_jax float64 equals timm float64 to :data:`F64_REL_TOL` on every output (the structural proof);
+    * swin_jax fp32 is as close to timm float64 as timm's own fp32 is: its largest error over the outputs is within
+      :data:`FP32_VS_TIMM_FACTOR` times timm's largest, or :data:`FP32_REL_TOL`, whichever is larger.
+
+    ``model`` is swin_jax's fp32 twin of ``tm`` (built with ``name`` and ``kwargs``). ``structural=False`` skips the
+    float64 run (attention kernels compute in float32 by design). Returns the errors, per output.
+    """
+    t64 = timm_float64(tm)
+    ref64 = _flat_outputs(timm_outputs(t64, x.astype(np.float64)))
+    ours32, timm32 = _flat_outputs(jax_outputs(model, x)), _flat_outputs(timm_outputs(tm, x))
+    errs = {key: dict(ours32=rel_err(ours32[key], ref), timm32=rel_err(timm32[key], ref)) for key, ref in ref64.items()}
+    if structural:
+        ours64 = _flat_outputs(jax_float64(t64, name, x, **kwargs))
+        for key, e in errs.items():
+            e["f64"] = rel_err(ours64[key], ref64[key])
+            assert e["f64"] <= F64_REL_TOL, f"{key}: float64 rel err {e['f64']:.3e} > {F64_REL_TOL:.0e}"
+    # over all outputs together: single outputs (a max-pooled feature) scatter around the ratio
+    ours, timm = max(e["ours32"] for e in errs.values()), max(e["timm32"] for e in errs.values())
+    bound = max(FP32_VS_TIMM_FACTOR * timm, FP32_REL_TOL)
+    assert ours <= bound, f"fp32 rel err to float64 {ours:.3e} > {bound:.3e} (timm fp32: {timm:.3e}): {errs}"
     return errs
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from hub_cache import add_to_hf_cache, hub_env
+from hub_cache import add_to_hf_cache, hub_env, ms_state_dict
 from parity import FP32_REL_TOL, images, rel_err, timm_model, to_nchw
 from safetensors.numpy import load_file
 
@@ -75,21 +75,6 @@ def logits_jax(model: swin_jax.SwinTransformer, x: jax.Array) -> jax.Array:
 def logits_timm(tmodel: torch.nn.Module, x: np.ndarray) -> torch.Tensor:
     with torch.no_grad():
         return tmodel(to_nchw(x))
-
-
-def ms_state_dict(tmodel: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """timm weights in the original Microsoft layout: downsample at the end of the previous stage,
-    ``head.`` for ``head.fc.``, and the buffers persisted."""
-    out = {}
-    for key, value in tmodel.state_dict().items():
-        if key.startswith("layers.") and ".downsample." in key:
-            stage = int(key.split(".")[1])
-            key = key.replace(f"layers.{stage}.downsample.", f"layers.{stage - 1}.downsample.", 1)
-        out[key.replace("head.fc.", "head.")] = value
-    for name, buf in tmodel.named_buffers():
-        if name.endswith(("relative_position_index", "attn_mask")):
-            out[name] = buf
-    return out
 
 
 class Evil:

@@ -23,7 +23,7 @@ import timm.data
 import timm.layers
 import torch
 from hub_cache import add_to_hf_cache, export_timm, hub_env, python
-from parity import assert_close, images, timm_model, to_nchw
+from parity import assert_close, images, small_logit_scales_, timm_model, to_nchw
 
 import swin_jax
 from swin_jax.hub import CheckpointError, FreshHeadWarning, save_pretrained
@@ -37,6 +37,7 @@ SMALL = dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(2, 2, 4, 4))
 CUSTOM_REPO = "someorg/somerepo"
 CUSTOM_CLASSES = 37
 UNCACHED = "swin_small_patch4_window7_224.ms_in22k"  # a real tag whose repo is not in the cache
+V2 = "swinv2_base_window12to16_192to256.ms_in22k_ft_in1k"
 
 # key -> (timm model name, seed, extra timm kwargs, Hub repo or None, input)
 EXPORTS: dict[str, tuple[str, int, dict[str, Any], str | None, str]] = {
@@ -53,6 +54,8 @@ EXPORTS: dict[str, tuple[str, int, dict[str, Any], str | None, str]] = {
     "custom": (TINY, 4, dict(num_classes=CUSTOM_CLASSES), CUSTOM_REPO, "x224"),
     # fine-tuned at 256 with window 8: config.json's model_args carry img_size and window_size (not in the cache)
     "w8": (f"{TINY}.ms_in1k", 5, dict(img_size=256, window_size=8), None, "x256"),
+    # SwinV2, window 16 at 256 with the 192-pixel pre-training windows (12, 12, 12, 6)
+    "v2": (V2, 6, {}, f"timm/{V2}", "x256"),
 }
 
 # key -> (swin_jax name, pretrained, extra kwargs, export whose timm model is the reference)
@@ -68,6 +71,7 @@ JOBS: dict[str, tuple[str, Any, dict[str, Any], str]] = {
     "local_file": (TINY, "{t1k_dir}/model.safetensors", SMALL, "t1k"),
     "flax_dir": (TINY, "{flax_dir}", {}, "t1k"),
     "w8_dir": (TINY, "{w8_dir}", {}, "w8"),
+    "v2": (V2, True, {}, "v2"),
     "uncached": (UNCACHED, True, {}, ""),
 }
 
@@ -179,7 +183,7 @@ def exports(tmp_path_factory) -> dict[str, tuple[torch.nn.Module, Path]]:
     root = tmp_path_factory.mktemp("exports")
     out = {}
     for key, (name, seed, kwargs, _, _) in EXPORTS.items():
-        tm = timm_model(name, seed=seed, **SMALL, **kwargs)
+        tm = small_logit_scales_(timm_model(name, seed=seed, **SMALL, **kwargs))  # fp32 compared directly
         out[key] = (tm, export_timm(tm, root / key))
     return out
 
@@ -249,7 +253,7 @@ def test_pretrained_logits_match_timm(hub_run, exports, inputs, key):
     assert_close(ours, _timm_logits(tm, x), what=f"{key} logits")
 
 
-@pytest.mark.parametrize("key", ["t1k", "default_tag", "t22k", "b384", "s3"])
+@pytest.mark.parametrize("key", ["t1k", "default_tag", "t22k", "b384", "s3", "v2"])
 def test_pretrained_cfg_and_data_config_match_the_tag(hub_run, exports, key):
     results, _ = hub_run
     name = JOBS[key][0]
@@ -292,6 +296,17 @@ def test_checkpoint_img_size_and_window_size_are_applied(hub_run, exports):
 def test_s3_geometry(hub_run, exports):
     results, _ = hub_run
     assert results["s3"]["geometry"] == _block_geometry(exports["s3"][0])
+
+
+def test_swinv2_loads_with_its_pretrained_windows(hub_run, exports):
+    """A SwinV2 tag through the cache: the window 16 geometry at 256 and the data config of the tag (256, crop 0.9);
+    its logits match timm's (test_pretrained_logits_match_timm), so the bias MLP's coordinates were normalized by
+    the pre-training windows (12, 12, 12, 6) as timm's."""
+    results, _ = hub_run
+    assert results["v2"]["geometry"] == _block_geometry(exports["v2"][0])
+    assert results["v2"]["geometry"][0][1] == [[16, 16], [8, 8]]
+    assert results["v2"]["data_config"]["input_size"] == [3, 256, 256]
+    assert results["v2"]["data_config"]["crop_pct"] == 0.9
 
 
 def test_hf_hub_custom_repo(hub_run):

@@ -12,8 +12,10 @@ import timm
 import torch
 from flax import nnx
 from parity import (
+    F64_REL_TOL,
     assert_close,
     assert_parity,
+    assert_parity_float64,
     images,
     jax_from_timm,
     rel_err,
@@ -81,7 +83,7 @@ def _shallow(arch: str) -> dict:
     return dict(depths=(2, 2, 2, 2), num_heads=heads, embed_dim=8 * heads[0])
 
 
-@pytest.mark.parametrize("arch", swin_jax.list_models())
+@pytest.mark.parametrize("arch", swin_jax.list_models("swin_*"))  # V1; SwinV2's: tests/test_swinv2.py
 def test_every_architecture(arch):
     kw = _shallow(arch)
     tm = timm_model(arch, **kw)
@@ -167,6 +169,15 @@ def test_variant_parity(variant):
         want = tuple(tm(to_nchw(x)).shape)
     assert jax.eval_shape(lambda x: model(x), x).shape == want
     assert_parity(model, tm, x)
+
+
+def test_float64_is_timms_function():
+    """Swin V1 in float64 equals timm in float64 to 1e-10 (the structural check; fp32 parity is the test above) on
+    a padded, shifted, clipped, non-square configuration."""
+    kw = {**SMALL, "img_size": (96, 160)}
+    tm = timm_model(TINY, **kw)
+    errs = assert_parity_float64(jax_from_timm(tm, TINY, **kw), tm, TINY, images((1, 96, 160, 3), seed=4), **kw)
+    assert max(e["f64"] for e in errs.values()) <= F64_REL_TOL
 
 
 def test_variant_geometry():
@@ -326,7 +337,7 @@ def test_attention_weights_are_timms_softmax(variant):
 def test_initializers_draw_flax_values(dtype, shapes):
     """The model's initializers (one compiled sampler per power-of-two size) give exactly the values of flax's
     ``truncated_normal(stddev=0.02)`` and ``variance_scaling(1/3, 'fan_in', 'uniform')`` for the same key."""
-    from swin_jax.model import _torch_conv_default, _trunc_normal_02
+    from swin_jax.models._layers import _torch_conv_default, _trunc_normal_02
 
     trunc = nnx.initializers.truncated_normal(stddev=0.02)
     conv = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")

@@ -1,4 +1,4 @@
-"""Property tests of the pure window helpers of swin_jax.model against naive loops and timm's own code."""
+"""Property tests of the pure window helpers of swin_jax.models._windows against naive loops and timm's own code."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from timm.models import swin_transformer as timm_swin
 
-from swin_jax.model import (
+from swin_jax.models._windows import (
     calc_window_shift,
     relative_position_index,
     shift_attn_mask,

@@ -19,7 +19,7 @@ import numpy as np
 
 from swin_jax import hub
 from swin_jax.factory import ARCH_OVERRIDES, build_abstract_model
-from swin_jax.registry import ARCHITECTURES, get_arch_config, split_model_name
+from swin_jax.registry import ARCH_FAMILY, ARCHITECTURES, get_arch_config, split_model_name
 from swin_jax.weights import filter_timm_checkpoint, timm_param_shapes
 
 __all__ = ["Source", "resolve_source", "infer_architecture", "parse_model_args", "read_config", "MODEL_ARG_KEYS"]
@@ -155,21 +155,25 @@ def _checkpoint_shapes(state: Mapping[str, np.ndarray], model: Any) -> dict[str,
 def infer_architecture(state: Mapping[str, np.ndarray], model_args: Mapping[str, Any], source: str) -> str:
     """The one registered architecture whose parameters have exactly the checkpoint's names and shapes.
 
-    ``model_args`` (``--model-args``) apply to every candidate. Candidates are narrowed by
-    ``embed_dim`` and blocks per stage read from the keys, then compared key by key and shape by shape
-    (relative position tables as stored, so the window size counts) against an abstract model.
+    ``model_args`` (``--model-args``) apply to every candidate. Candidates are narrowed by family (SwinV2 weights
+    have a position-bias MLP, ``cpb_mlp``), ``embed_dim`` and blocks per stage read from the keys, then compared key
+    by key and shape by shape (relative position tables as stored, so the window size counts) against an abstract
+    model. SwinV2's parameters do not depend on the window, so its window variants stay ambiguous (``--model``).
     """
     stem = state.get("patch_embed.proj.weight")
     embed_dim = int(stem.shape[0]) if stem is not None else None
     depths = _stage_depths(state)
     head = state.get("head.fc.weight", state.get("head.weight"))
     num_classes = int(head.shape[0]) if head is not None else 0
+    family = "SwinTransformerV2" if any(".cpb_mlp." in k for k in state) else "SwinTransformer"
     matches = []
     for arch in ARCHITECTURES:
+        if ARCH_FAMILY[arch] != family:
+            continue
         cfg = {**get_arch_config(arch), **model_args}
         if cfg["embed_dim"] != embed_dim or tuple(cfg["depths"]) != depths:
             continue
-        model = build_abstract_model({**cfg, "num_classes": num_classes})
+        model = build_abstract_model(arch, {**cfg, "num_classes": num_classes})
         if _checkpoint_shapes(state, model) == timm_param_shapes(model):
             matches.append(arch)
     if len(matches) == 1:

@@ -1,0 +1,25 @@
+"""The Swin model families, one file each as in timm, over shared window helpers and layers."""
+
+from ._windows import (
+    calc_window_shift,
+    feature_take_indices,
+    relative_position_index,
+    resolve_stage_window_sizes,
+    shift_attn_mask,
+    window_partition,
+    window_reverse,
+)
+from .swin_transformer import SwinTransformer
+from .swin_transformer_v2 import SwinTransformerV2
+
+__all__ = [
+    "SwinTransformer",
+    "SwinTransformerV2",
+    "calc_window_shift",
+    "feature_take_indices",
+    "relative_position_index",
+    "resolve_stage_window_sizes",
+    "shift_attn_mask",
+    "window_partition",
+    "window_reverse",
+]

@@ -1,0 +1,260 @@
+"""The model-level API every Swin family shares, as timm's Swin models have it: the trunk (patch embedding,
+stages, final norm, classifier head), input checks, ``forward_features`` / ``forward_head`` /
+``forward_intermediates``, ``features_only``, head management, gradient checkpointing and the attention
+implementation switch. A family supplies its stages."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .. import attention
+from ._layers import ClassifierHead, LayerNorm, PatchEmbed, _check_pool_type
+from ._windows import Pair, feature_take_indices, resolve_stage_window_sizes, to_2tuple
+
+__all__ = ["SwinBase"]
+
+
+class SwinBase(nnx.Module):
+    """Base of the Swin models: NHWC in and out, the stages in ``self.layers`` (each with ``blocks``, each block
+    with ``attn``). Subclasses build themselves with :meth:`_build_trunk`."""
+
+    def _build_trunk(
+        self,
+        *,
+        img_size: int | Pair,
+        patch_size: int,
+        in_chans: int,
+        num_classes: int,
+        global_pool: str,
+        embed_dim: int,
+        depths: Sequence[int],
+        num_heads: Sequence[int],
+        window_size: Any,
+        strict_img_size: bool,
+        dynamic_img_size: bool,
+        drop_rate: float,
+        drop_path_rate: float,
+        features_only: bool,
+        out_indices: int | Sequence[int],
+        dtype: Any,
+        param_dtype: Any,
+        attn_impl: str,
+        make_stage: Callable[..., nnx.Module],
+        rngs: nnx.Rngs,
+    ) -> None:
+        """Set the shared attributes and build patch embedding, stages, final norm and head.
+
+        ``make_stage(i, dim=, out_dim=, input_resolution=, depth=, num_heads=, window_size=, drop_path=)`` builds
+        stage ``i`` (stage 0 does not downsample; the others halve the resolution first).
+        """
+        depths = tuple(int(d) for d in depths)
+        num_heads = tuple(int(h) for h in num_heads)
+        num_layers = len(depths)
+        if len(num_heads) != num_layers:
+            raise ValueError(f"depths {depths} and num_heads {num_heads} must have one entry per stage")
+        self.img_size = to_2tuple(img_size)
+        self.patch_size = to_2tuple(patch_size)
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+        self.global_pool = _check_pool_type(global_pool)
+        self.strict_img_size = strict_img_size and not dynamic_img_size
+        self.features_only = features_only
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.attn_impl = attention.check_attn_impl(attn_impl)
+        self.embed_dim = embed_dim
+        self.num_layers = num_layers
+        self.num_features = int(embed_dim * 2 ** (num_layers - 1))
+        dims = [int(embed_dim * 2**i) for i in range(num_layers)]
+        self.window_sizes = resolve_stage_window_sizes(window_size, num_layers)
+        self.grid_size = tuple(s // p for s, p in zip(self.img_size, self.patch_size))
+
+        # stage-wise split of a linear drop path schedule over all blocks, as timm
+        rates = np.linspace(0.0, drop_path_rate, sum(depths), dtype=np.float32)
+        dpr = [rates[sum(depths[:i]) : sum(depths[: i + 1])].tolist() for i in range(num_layers)]
+
+        self.feature_info = [
+            dict(num_chs=dims[i], reduction=max(self.patch_size) * 2**i, module=f"layers.{i}")
+            for i in range(num_layers)
+        ]
+        if features_only:
+            self.out_indices, last = feature_take_indices(num_layers, out_indices)
+            num_built = last + 1
+        else:
+            self.out_indices = list(range(num_layers))
+            num_built = num_layers
+
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.patch_embed = PatchEmbed(patch_size, in_chans, dims[0], **kw)
+        layers = []
+        in_dim, scale = dims[0], 1
+        for i in range(num_built):
+            resolution = ((self.grid_size[0] + scale - 1) // scale, (self.grid_size[1] + scale - 1) // scale)
+            layers.append(
+                make_stage(
+                    i,
+                    dim=in_dim,
+                    out_dim=dims[i],
+                    input_resolution=resolution,
+                    depth=depths[i],
+                    num_heads=num_heads[i],
+                    window_size=self.window_sizes[i],
+                    drop_path=dpr[i],
+                )
+            )
+            in_dim = dims[i]
+            if i > 0:
+                scale *= 2
+        self.layers = nnx.List(layers)
+        if features_only:
+            self.norm = None
+            self.head = None
+        else:
+            self.norm = LayerNorm(self.num_features, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            self.head = ClassifierHead(self.num_features, num_classes, global_pool, drop_rate, **kw)
+        self.head_hidden_size = self.head.num_features if self.head is not None else self.num_features
+
+    # ---- input checks (Python, at trace time: shapes are static under jit) ----
+
+    def _check_input(self, x: Any) -> jax.Array:
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            raise TypeError(
+                f"expected an image batch as a jax/numpy array of shape [B, H, W, {self.in_chans}] (NHWC), "
+                f"got {type(x).__name__}; preprocess images with swin_jax.create_transform and stack them"
+            )
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(
+                f"expected a floating point image batch (normalized, as create_transform returns), got dtype {x.dtype}"
+            )
+        if x.ndim != 4:
+            hint = " (a single image? add a batch axis: x[None])" if x.ndim == 3 else ""
+            raise ValueError(f"expected a 4-D NHWC batch [B, H, W, {self.in_chans}], got shape {tuple(x.shape)}{hint}")
+        _, h, w, c = x.shape
+        if c != self.in_chans:
+            hint = ""
+            if x.shape[1] == self.in_chans:
+                hint = "; this looks like NCHW (PyTorch layout): transpose with x.transpose(0, 2, 3, 1)"
+            raise ValueError(
+                f"expected {self.in_chans} input channels in the last axis (NHWC), got shape {tuple(x.shape)}{hint}"
+            )
+        if self.strict_img_size:
+            if (h, w) != self.img_size:
+                raise ValueError(
+                    f"expected input size {self.img_size[0]}x{self.img_size[1]} (H x W), got {h}x{w}; "
+                    f"create the model with img_size=({h}, {w}) or strict_img_size=False"
+                )
+        elif h % self.patch_size[0] or w % self.patch_size[1]:
+            raise ValueError(
+                f"input size {h}x{w} must be divisible by the patch size {self.patch_size[0]}x{self.patch_size[1]}"
+            )
+        return jnp.asarray(x, self.dtype)
+
+    # ---- forward ----
+
+    def forward_intermediates(
+        self,
+        x: jax.Array,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        intermediates_only: bool = False,
+    ) -> list[jax.Array] | tuple[jax.Array, list[jax.Array]]:
+        """Forward returning the stage maps, NHWC (timm's ``forward_intermediates``, channels last).
+
+        Args:
+            x: ``[B, H, W, C]`` images.
+            indices: stages to take: None = all, int n = last n, or a sequence of indices.
+            norm: apply the final norm to the last stage's map when it is taken.
+            stop_early: stop after the last stage taken.
+            intermediates_only: return only the list of maps.
+
+        Returns:
+            The list of maps, or ``(final_features, maps)`` where ``final_features`` has the final
+            norm applied if the last stage ran.
+        """
+        x = self._check_input(x)
+        take, last = feature_take_indices(len(self.layers), indices)
+        stages = self.layers[: last + 1] if stop_early else self.layers
+        num_stages = self.num_layers
+        maps = []
+        i = 0
+        x = self.patch_embed(x)
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take:
+                maps.append(self.norm(x) if (norm and i == num_stages - 1 and self.norm is not None) else x)
+        if intermediates_only:
+            return maps
+        if i == num_stages - 1 and self.norm is not None:
+            x = self.norm(x)
+        return x, maps
+
+    def forward_features(self, x: jax.Array) -> jax.Array:
+        """``[B, H, W, C]`` images -> ``[B, h, w, num_features]`` after the final norm."""
+        if self.features_only:
+            raise ValueError("a features_only model has no final norm: call it, or use forward_intermediates")
+        x = self.patch_embed(self._check_input(x))
+        for stage in self.layers:
+            x = stage(x)
+        return self.norm(x)
+
+    def forward_head(self, x: jax.Array, pre_logits: bool = False) -> jax.Array:
+        """Pool (and classify unless ``pre_logits``) the output of :meth:`forward_features`."""
+        if self.head is None:
+            raise ValueError("a features_only model has no head")
+        return self.head(x, pre_logits=pre_logits)
+
+    def __call__(self, x: jax.Array) -> jax.Array | list[jax.Array]:
+        """Logits ``[B, num_classes]`` (pooled features when ``num_classes == 0``); for a
+        ``features_only`` model, the list of NHWC stage maps picked by ``out_indices``."""
+        if self.features_only:
+            return self.forward_intermediates(x, self.out_indices, intermediates_only=True)
+        return self.forward_head(self.forward_features(x))
+
+    # ---- head management ----
+
+    def get_classifier(self) -> nnx.Linear | None:
+        """The classifier ``fc`` layer (None without one)."""
+        return None if self.head is None else self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None, *, rngs: nnx.Rngs | None = None):
+        """Replace the classifier with a fresh one for ``num_classes`` (0 removes it), as timm.
+
+        Args:
+            num_classes: classes of the new head.
+            global_pool: new pooling type, unchanged if None.
+            rngs: RNGs for the new fc layer (``nnx.Rngs(0)`` if None).
+        """
+        if self.head is None:
+            raise ValueError("a features_only model has no head")
+        pool = self.head.global_pool if global_pool is None else _check_pool_type(global_pool)
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        drop_rate, deterministic = self.head.drop.rate, self.head.drop.deterministic
+        self.head = ClassifierHead(
+            self.num_features, num_classes, pool, drop_rate, dtype=self.dtype, param_dtype=self.param_dtype, rngs=rngs
+        )
+        self.head.drop.deterministic = deterministic  # keep the model's train/eval mode
+        self.num_classes = num_classes
+        self.global_pool = pool
+        self.head_hidden_size = self.head.num_features
+
+    def set_attn_impl(self, attn_impl: str) -> None:
+        """Switch every block to another attention implementation (:func:`swin_jax.attention_impls`).
+        Weights are untouched; the next trace of the model uses it."""
+        self.attn_impl = attention.check_attn_impl(attn_impl)
+        for stage in self.layers:
+            for block in stage.blocks:
+                block.attn.attn_impl = attn_impl
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass (``nnx.remat``), as timm's method of
+        the same name: less memory for training, about one extra forward of compute. The parameter
+        tree (and so the timm mapping) is unchanged."""
+        for stage in self.layers:
+            stage.grad_checkpointing = enable

@@ -1,0 +1,308 @@
+"""Layers every Swin family shares, with timm's names and initializers: the patch embedding, LayerNorm as
+torch runs it, the MLP, the classifier head, and the base of a windowed-attention block.
+
+Also the backward-pass cut at each block input (:func:`materialize_grad`), which keeps XLA:CPU's backward
+linear in the number of blocks.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ._windows import Pair, merge_windows, partition_windows, to_2tuple
+
+__all__ = [
+    "LN_EPS",
+    "POOL_TYPES",
+    "LayerNorm",
+    "PatchEmbed",
+    "Mlp",
+    "ClassifierHead",
+    "WindowBlock",
+    "SwinStage",
+    "materialize_grad",
+    "attention_softmax",
+]
+
+LN_EPS = 1e-5  # torch.nn.LayerNorm default, used by every timm Swin norm
+POOL_TYPES = ("avg", "max", "avgmax", "catavgmax", "")
+
+
+# Initializers with the values of flax's (``truncated_normal(stddev=0.02)``, ``variance_scaling(1/3, 'fan_in',
+# 'uniform')``), compiled once per power-of-two size instead of once per shape. jax.random draws element i of an
+# array from counter i (threefry, partitionable: jax's default), so the first n values of a draw of size N >= n are
+# the draw of size n. One compile of the truncated-normal sampler takes ~0.7 s on a CPU, and eager init compiled
+# one per parameter shape: creating a Swin took 15-20 s, most of it there.
+
+
+_MIN_DRAW = 1 << 14  # smaller parameters share one sampler (a 16k draw costs ~0.1 ms)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _draw(key: jax.Array, distribution: str, size: int, dtype: Any) -> jax.Array:
+    if distribution == "truncated_normal":
+        return jax.random.truncated_normal(key, -2.0, 2.0, (size,), dtype)
+    return jax.random.uniform(key, (size,), dtype, -1.0)
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _first(flat: jax.Array, shape: tuple[int, ...], scale: jax.Array) -> jax.Array:
+    return flat[: math.prod(shape)].reshape(shape) * scale
+
+
+def _sample(key: jax.Array, distribution: str, shape: Sequence[int], dtype: Any, scale: jax.Array) -> jax.Array:
+    shape = tuple(int(d) for d in shape)
+    size = max(1 << max(math.prod(shape) - 1, 0).bit_length(), _MIN_DRAW)
+    return _first(_draw(key, distribution, size, jnp.dtype(dtype)), shape, scale)
+
+
+def _trunc_normal_02(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+    """timm's ``trunc_normal_(std=.02)`` as flax draws it: ``truncated_normal(stddev=0.02)``'s values."""
+    return _sample(key, "truncated_normal", shape, dtype, jnp.array(0.02, dtype))
+
+
+def _torch_conv_default(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+    """torch Conv2d's default init (kaiming_uniform(a=sqrt(5)) == U(+-1/sqrt(fan_in))), as timm leaves the patch
+    embedding: ``variance_scaling(1/3, 'fan_in', 'uniform')``'s values (HWIO kernel, fan_in = H * W * I)."""
+    variance = jnp.array((1.0 / 3.0) / math.prod(shape[:-1]), dtype)
+    return _sample(key, "uniform", shape, dtype, jnp.sqrt(3 * variance))
+
+
+# The residual stream's gradient, materialized once per block. XLA:CPU fuses a chain of elementwise producers into
+# every consumer, duplicating it. In the backward pass the residual stream's gradient is such a chain (each later
+# block adds its LayerNorm and branch terms), and it has several consumers per block (the weight-gradient
+# transposes, the LayerNorm reductions): each consumer's fusion recomputed the whole chain from the last block
+# down, so a block's backward cost grew with the number of blocks after it (a fusion of ~900 instructions per
+# element in Swin-B's stage 2). jax.lax.optimization_barrier does not stop this (XLA:CPU removes barriers before
+# fusing); a dot does, and a product with the identity matrix at "highest" precision is exact (1 * g + 0 * ...).
+# Swin-B fp32 batch 8 training step on a 2-core EPYC: 15.6 s -> 8.1 s, compile 54 s -> 27 s, peak RSS 8.0 -> 5.6 GB
+# (BENCHMARKS.md). It contracts the rows axis (7-56 long: cheap, and never the batch axis, which a mesh shards).
+# SWIN_JAX_BACKWARD_CUT: "cpu" (default: only when lowering for the CPU), "always", "never" (read when tracing).
+
+
+def _identity_rows(t: jax.Array) -> jax.Array:
+    b, h = t.shape[:2]
+    # batched over B (a dot batch dimension stays local where a mesh shards B), output already in t's layout
+    eye = jnp.broadcast_to(jnp.eye(h, dtype=t.dtype), (b, h, h))
+    rows = t.reshape(b, h, -1)
+    out = jnp.einsum("bkh,bhx->bkx", eye, rows, precision=jax.lax.Precision.HIGHEST, preferred_element_type=t.dtype)
+    return out.reshape(t.shape)
+
+
+@jax.custom_jvp
+def materialize_grad(x: jax.Array) -> jax.Array:
+    """Identity on ``x`` ``[B, H, W, C]``; its tangent (and so, transposed, its cotangent) passes through a dot with
+    the identity matrix, which XLA cannot fuse through. See the comment above; forward values are untouched."""
+    return x
+
+
+@materialize_grad.defjvp
+def _materialize_grad_jvp(primals: tuple[jax.Array], tangents: tuple[jax.Array]) -> tuple[jax.Array, jax.Array]:
+    (x,), (t,) = primals, tangents
+    mode = os.environ.get("SWIN_JAX_BACKWARD_CUT", "cpu")
+    if mode not in ("cpu", "always", "never"):
+        raise ValueError(f"SWIN_JAX_BACKWARD_CUT must be 'cpu', 'always' or 'never', got {mode!r}")
+    if mode == "never" or t.ndim != 4 or t.shape[1] < 2:  # a 1x1 dot would be simplified to a multiply
+        return x, t
+    if mode == "always":
+        return x, _identity_rows(t)
+    return x, jax.lax.platform_dependent(t, cpu=_identity_rows, default=lambda t: t)
+
+
+class LayerNorm(nnx.LayerNorm):
+    """``nnx.LayerNorm`` as torch autocast runs LayerNorm: statistics, normalization and the scale and shift
+    in float32 (parameters not rounded to a low-precision compute dtype first), output in the compute dtype.
+    Two-pass variance and eps 1e-5, as ``torch.nn.LayerNorm``. Parameters: ``scale``, ``bias``; ``zero_init``
+    starts the scale at 0 (SwinV2's residual post-norms, as timm initializes them)."""
+
+    def __init__(self, dim: int, *, zero_init: bool = False, dtype, param_dtype, rngs: nnx.Rngs):
+        internal = jnp.float32 if dtype is None else jnp.promote_types(dtype, jnp.float32)
+        super().__init__(
+            dim,
+            epsilon=LN_EPS,
+            use_fast_variance=False,
+            dtype=internal,
+            param_dtype=param_dtype,
+            scale_init=nnx.initializers.zeros_init() if zero_init else nnx.initializers.ones_init(),
+            rngs=rngs,
+        )
+        self.out_dtype = dtype
+
+    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+        y = super().__call__(x, mask=mask)
+        return y if self.out_dtype is None else y.astype(self.out_dtype)
+
+
+def _linear(din: int, dout: int, *, use_bias: bool = True, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Linear:
+    # timm's init for Swin Linear layers: trunc_normal(std=.02) weights, zero bias
+    return nnx.Linear(
+        din, dout, use_bias=use_bias, kernel_init=_trunc_normal_02, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+    )
+
+
+def _dropout(rate: float, rngs: nnx.Rngs, broadcast_dims: Sequence[int] = ()) -> nnx.Dropout:
+    """Dropout (or, with ``broadcast_dims`` over all but the batch axis, drop path), eval mode at start.
+
+    An RNG stream is only held where the rate is non-zero, so inference models carry no RNG state.
+    """
+    return nnx.Dropout(rate, broadcast_dims=tuple(broadcast_dims), deterministic=True, rngs=rngs if rate > 0 else None)
+
+
+class PatchEmbed(nnx.Module):
+    """Image to patch embedding: ``patch x patch`` stride-``patch`` conv, then LayerNorm, NHWC out."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.patch_size = to_2tuple(patch_size)
+        self.proj = nnx.Conv(
+            in_chans,
+            embed_dim,
+            kernel_size=self.patch_size,
+            strides=self.patch_size,
+            padding="VALID",
+            kernel_init=_torch_conv_default,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+        self.norm = LayerNorm(embed_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.norm(self.proj(x))
+
+
+class Mlp(nnx.Module):
+    """fc1 -> exact (erf) GELU -> dropout -> fc2 -> dropout, as timm's ``Mlp``."""
+
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.fc1 = _linear(dim, hidden, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.drop1 = _dropout(drop, rngs)
+        self.fc2 = _linear(hidden, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.drop2 = _dropout(drop, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = jax.nn.gelu(self.fc1(x), approximate=False)
+        return self.drop2(self.fc2(self.drop1(x)))
+
+
+def _call_block(block: nnx.Module, x: jax.Array) -> jax.Array:
+    return block(x)
+
+
+def _global_pool(x: jax.Array, pool_type: str) -> jax.Array:
+    if pool_type == "":
+        return x
+    if pool_type == "avg":
+        return x.mean(axis=(1, 2))
+    if pool_type == "max":
+        return x.max(axis=(1, 2))
+    if pool_type == "avgmax":
+        return 0.5 * (x.mean(axis=(1, 2)) + x.max(axis=(1, 2)))
+    if pool_type == "catavgmax":
+        return jnp.concatenate([x.mean(axis=(1, 2)), x.max(axis=(1, 2))], axis=-1)
+    raise ValueError(f"unknown global_pool {pool_type!r}; expected one of {POOL_TYPES}")
+
+
+def _check_pool_type(pool_type: str) -> str:
+    if pool_type not in POOL_TYPES:
+        raise ValueError(f"unknown global_pool {pool_type!r}; expected one of {POOL_TYPES}")
+    return pool_type
+
+
+class ClassifierHead(nnx.Module):
+    """Global pool (NHWC) -> dropout -> fc, as timm's ``ClassifierHead``; no fc when ``num_classes == 0``."""
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        pool_type: str = "avg",
+        drop_rate: float = 0.0,
+        *,
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.in_features = in_features
+        self.global_pool = _check_pool_type(pool_type)
+        self.num_features = in_features * (2 if pool_type == "catavgmax" else 1)
+        self.drop = _dropout(drop_rate, rngs)
+        self.fc = (
+            _linear(self.num_features, num_classes, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            if num_classes > 0
+            else None
+        )
+
+    def __call__(self, x: jax.Array, pre_logits: bool = False) -> jax.Array:
+        x = self.drop(_global_pool(x, self.global_pool))
+        if pre_logits or self.fc is None:
+            return x
+        return self.fc(x)
+
+
+def attention_softmax(logits: jax.Array) -> jax.Array:
+    """Softmax over the last axis in float32 or wider (float64 stays float64), as timm under autocast."""
+    return jax.nn.softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), axis=-1)
+
+
+class WindowBlock(nnx.Module):
+    """What every Swin block shares: (shifted) window attention around ``self.attn``.
+
+    A subclass sets ``window_size``, ``shift_size`` (already clipped to the feature size) and ``attn`` (called
+    on windows ``[B * nW, N, C]`` with the shift mask), and says in :meth:`_attn_input` what attention sees.
+    """
+
+    window_size: Pair
+    shift_size: Pair
+
+    def _attn_input(self, x: jax.Array) -> jax.Array:
+        """The map attention is computed on: the block input, or its norm for a pre-norm block."""
+        return x
+
+    def _attn(self, x: jax.Array) -> jax.Array:
+        """Shift, pad, partition, attend, merge: ``[B, H, W, C]`` -> ``[B, H, W, C]``."""
+        windows, mask, padded = partition_windows(x, self.window_size, self.shift_size)
+        windows = self.attn(windows, mask=mask)
+        return merge_windows(windows, self.window_size, self.shift_size, x.shape[1:3], padded)
+
+    def attention_weights(self, x: jax.Array) -> jax.Array:
+        """The attention probabilities of this block for its input ``x``, for study.
+
+        Windows are taken as the block takes them: after the cyclic shift by ``-shift_size`` and
+        bottom/right padding to whole windows, in row-major order over the window grid, tokens
+        row-major inside a window. The shift mask is already applied, so masked pairs have (near) zero
+        weight.
+
+        Args:
+            x: the block's input ``[B, H, W, C]``.
+
+        Returns:
+            ``[B, nW_h, nW_w, num_heads, N, N]`` float32 with ``N = window_h * window_w``.
+        """
+        wh, ww = self.window_size
+        windows, mask, (hp, wp) = partition_windows(self._attn_input(x), self.window_size, self.shift_size)
+        attn = self.attn.attention_weights(windows, mask=mask)
+        return attn.reshape(x.shape[0], hp // wh, wp // ww, *attn.shape[1:])
+
+
+class SwinStage(nnx.Module):
+    """What every Swin stage shares: an optional ``downsample`` first, then ``blocks`` in order, each optionally
+    recomputed in the backward pass (``grad_checkpointing``: only the block's input is kept)."""
+
+    downsample: nnx.Module | None
+    blocks: nnx.List
+    grad_checkpointing: bool
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.downsample is not None:
+            x = self.downsample(x)
+        for block in self.blocks:
+            x = nnx.remat(_call_block)(block, x) if self.grad_checkpointing else block(x)
+        return x
