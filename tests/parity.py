@@ -3,7 +3,6 @@ weights mapped into swin_jax, and a comparison of outputs at fp32. Tolerances li
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import jax
@@ -14,6 +13,7 @@ import torch
 from flax import nnx
 
 import swin_jax
+from swin_jax.convert.verify import timm_float64
 from swin_jax.train import cross_entropy
 
 # max|ours - timm| / max|timm| at fp32 on CPU
@@ -121,13 +121,14 @@ def timm_outputs(tmodel: torch.nn.Module, x: np.ndarray) -> dict[str, Any]:
         )
 
 
-def jax_outputs(model: swin_jax.SwinTransformer, x: np.ndarray) -> dict[str, Any]:
-    """The same outputs from swin_jax (jit-compiled)."""
+def jax_outputs(model: nnx.Module, x: np.ndarray) -> dict[str, Any]:
+    """The same outputs from swin_jax (jit-compiled), from one forward pass: ``forward_intermediates`` gives the
+    stage maps and the final features (after the final norm, what ``forward_features`` returns; test_model checks
+    that the two agree), the head gives logits and pre-logits."""
 
     @jax.jit
     def run(model, x):
-        feats = model.forward_features(x)
-        maps = model.forward_intermediates(x, intermediates_only=True)
+        feats, maps = model.forward_intermediates(x)
         return dict(
             logits=model.forward_head(feats),
             features=feats,
@@ -146,23 +147,6 @@ def assert_parity(model: swin_jax.SwinTransformer, tmodel: torch.nn.Module, x: n
     for i, (a, b) in enumerate(zip(ours["maps"], ref["maps"])):
         errs[f"stage{i}"] = assert_close(a, b, what=f"stage {i} map")
     return errs
-
-
-def timm_float64(tm: torch.nn.Module) -> torch.nn.Module:
-    """A float64 copy of a timm model, the reference for outputs where fp32 is not exact.
-
-    timm computes SwinV2's ``relative_coords_table`` buffer in float32 whatever the model's dtype; the copy gets the
-    same formula in float64 (swin_jax's table, which ``test_swinv2`` checks against timm's float32 buffer to 1 ulp),
-    so the float64 model is the exact function timm's float32 model approximates.
-    """
-    from swin_jax.models.swin_transformer_v2 import relative_coords_table
-
-    t64 = copy.deepcopy(tm).double().eval()
-    for module in t64.modules():
-        if getattr(module, "relative_coords_table", None) is not None:
-            table = relative_coords_table(tuple(module.window_size), tuple(module.pretrained_window_size))
-            module.relative_coords_table = torch.from_numpy(np.array(table))[None]
-    return t64
 
 
 def jax_float64(t64: torch.nn.Module, name: str, x: np.ndarray, **kwargs: Any) -> dict[str, Any]:

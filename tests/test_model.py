@@ -359,6 +359,17 @@ EAGER = pytest.mark.xdist_group("eager")
 
 
 @EAGER
+def test_forward_features_and_call_equal_forward_intermediates(small_pair):
+    """The parity helper takes features and logits from ``forward_intermediates``; the model's own
+    ``forward_features`` and call compute the same."""
+    _, model, x = small_pair
+    run = jax.jit(lambda m, x: (m.forward_intermediates(x)[0], m.forward_features(x), m(x)))
+    final, feats, logits = run(model, x)
+    head = jax.jit(lambda m, f: m.forward_head(f))(model, final)
+    assert_close(feats, final, tol=1e-6, what="forward_features")
+    assert_close(logits, head, tol=1e-6, what="logits")
+
+
 def test_jit_equals_eager(small_pair):
     _, model, x = small_pair
     jitted = np.asarray(jax.jit(lambda m, x: m(x))(model, x))

@@ -15,7 +15,14 @@ from flax import nnx
 
 from .. import attention
 from ._layers import ClassifierHead, LayerNorm, PatchEmbed, _check_pool_type
-from ._windows import Pair, feature_take_indices, resolve_stage_window_sizes, to_2tuple
+from ._windows import (
+    Pair,
+    calc_stage_window_sizes,
+    feature_take_indices,
+    resolve_stage_window_sizes,
+    resolve_window_args,
+    to_2tuple,
+)
 
 __all__ = ["SwinBase"]
 
@@ -74,6 +81,8 @@ class SwinBase(nnx.Module):
         dims = [int(embed_dim * 2**i) for i in range(num_layers)]
         self.window_sizes = resolve_stage_window_sizes(window_size, num_layers)
         self.grid_size = tuple(s // p for s, p in zip(self.img_size, self.patch_size))
+        # set_input_size scales these with the patch grid (timm's _ref_window_sizes / _ref_grid_size)
+        self.ref_window_sizes, self.ref_grid_size = self.window_sizes, self.grid_size
 
         # stage-wise split of a linear drop path schedule over all blocks, as timm
         rates = np.linspace(0.0, drop_path_rate, sum(depths), dtype=np.float32)
@@ -258,3 +267,52 @@ class SwinBase(nnx.Module):
         tree (and so the timm mapping) is unchanged."""
         for stage in self.layers:
             stage.grad_checkpointing = enable
+
+    def set_input_size(
+        self,
+        img_size: int | Pair | None = None,
+        patch_size: int | Pair | None = None,
+        window_size: Any = None,
+        window_ratio: int | Sequence[int] | None = None,
+        always_partition: bool | None = None,
+    ) -> None:
+        """A new input size and windows, in place, as timm 1.0.31's ``set_input_size``.
+
+        With neither ``window_size`` nor ``window_ratio``, each stage's window scales with the patch grid (the window
+        to grid ratio is kept; at the current size nothing changes). Swin V1's relative position bias tables are
+        resized as timm resizes them; SwinV2's bias MLP takes the new window as it is. ``model_args`` records the
+        new ``img_size`` / ``window_size`` / ``always_partition``, so a saved checkpoint reloads as this model.
+
+        Args:
+            img_size: new input size ``H`` or ``(H, W)``; the current one if None.
+            patch_size: only the current patch size (timm resamples the stem for a new one; not supported here).
+            window_size: an int or ``(h, w)`` for every stage, or one per stage; overrides ``window_ratio``.
+            window_ratio: divisor of the new patch grid (before stage downsampling), one for all stages or one per
+                stage (a sequence of two is two stages).
+            always_partition: always partition and shift, even where a window covers the map; unchanged if None.
+        """
+        if patch_size is not None and to_2tuple(patch_size) != self.patch_size:
+            raise NotImplementedError(
+                f"set_input_size(patch_size={patch_size!r}): resampling the patch embedding to a new patch size is "
+                f"not supported; the model's patch size is {self.patch_size}"
+            )
+        num_stages = len(self.layers)
+        sizes, ratios = resolve_window_args(window_size, window_ratio, num_stages)  # before anything changes
+        if img_size is not None:
+            self.img_size = to_2tuple(img_size)
+            self.grid_size = tuple(s // p for s, p in zip(self.img_size, self.patch_size))
+        window_sizes = calc_stage_window_sizes(
+            self.grid_size, self.ref_window_sizes[:num_stages], self.ref_grid_size, sizes, ratios
+        )
+        if sizes is not None or ratios is not None:  # explicit windows become the reference for later resizes
+            self.ref_window_sizes, self.ref_grid_size = window_sizes, self.grid_size
+        for index, stage in enumerate(self.layers):
+            scale = 2 ** max(index - 1, 0)
+            feat = tuple((g + scale - 1) // scale for g in self.grid_size)
+            stage.set_input_size(feat, window_sizes[index], always_partition)
+        self.window_sizes = window_sizes
+        args = dict(getattr(self, "model_args", None) or {})
+        args.update(img_size=self.img_size, window_size=window_sizes)
+        if always_partition is not None:
+            args["always_partition"] = always_partition
+        self.model_args = args

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ._windows import Pair, merge_windows, partition_windows, to_2tuple
+from ._windows import Pair, calc_window_shift, merge_windows, partition_windows, to_2tuple
 
 __all__ = [
     "LN_EPS",
@@ -255,12 +255,35 @@ def attention_softmax(logits: jax.Array) -> jax.Array:
 class WindowBlock(nnx.Module):
     """What every Swin block shares: (shifted) window attention around ``self.attn``.
 
-    A subclass sets ``window_size``, ``shift_size`` (already clipped to the feature size) and ``attn`` (called
-    on windows ``[B * nW, N, C]`` with the shift mask), and says in :meth:`_attn_input` what attention sees.
+    A subclass sets ``window_size``, ``shift_size`` (clipped to the feature size by :meth:`_set_geometry`) and
+    ``attn`` (called on windows ``[B * nW, N, C]`` with the shift mask, with a ``set_window_size`` method), and says in
+    :meth:`_attn_input` what attention sees.
     """
 
     window_size: Pair
     shift_size: Pair
+
+    def _set_geometry(self, input_resolution: Pair, window_size: Pair, shift_size: Pair, always_partition: bool):
+        """Record the block's targets and set its (clipped) window and shift, as timm's ``_calc_window_shift``."""
+        self.input_resolution = to_2tuple(input_resolution)
+        self.target_shift_size = to_2tuple(shift_size)
+        self.always_partition = always_partition
+        self.window_size, self.shift_size = calc_window_shift(
+            self.input_resolution, to_2tuple(window_size), self.target_shift_size, always_partition
+        )
+
+    def set_input_size(self, feat_size: Pair, window_size: Pair, always_partition: bool | None = None) -> None:
+        """A new feature size and target window, as timm's block method: a shifted block shifts by half the new
+        window; the window and shift are clipped again; the attention follows the new window."""
+        self.input_resolution = to_2tuple(feat_size)
+        if always_partition is not None:
+            self.always_partition = always_partition
+        window_size = to_2tuple(window_size)
+        shift = (window_size[0] // 2, window_size[1] // 2) if any(self.target_shift_size) else self.target_shift_size
+        self.window_size, self.shift_size = calc_window_shift(
+            self.input_resolution, window_size, shift, self.always_partition
+        )
+        self.attn.set_window_size(self.window_size)
 
     def _attn_input(self, x: jax.Array) -> jax.Array:
         """The map attention is computed on: the block input, or its norm for a pre-norm block."""
@@ -299,6 +322,18 @@ class SwinStage(nnx.Module):
     downsample: nnx.Module | None
     blocks: nnx.List
     grad_checkpointing: bool
+    input_resolution: Pair
+    output_resolution: Pair
+
+    def set_input_size(self, feat_size: Pair, window_size: Pair, always_partition: bool | None = None) -> None:
+        """A new input feature size (before the downsample) and target window for every block, as timm's."""
+        self.input_resolution = to_2tuple(feat_size)
+        if self.downsample is None:
+            self.output_resolution = self.input_resolution
+        else:
+            self.output_resolution = tuple((i + 1) // 2 for i in self.input_resolution)
+        for block in self.blocks:
+            block.set_input_size(self.output_resolution, window_size, always_partition)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.downsample is not None:

@@ -28,6 +28,8 @@ __all__ = [
     "feature_take_indices",
     "partition_windows",
     "merge_windows",
+    "resolve_window_args",
+    "calc_stage_window_sizes",
 ]
 
 MASK_VALUE = -100.0  # timm / Microsoft's additive mask between tokens of different shifted regions
@@ -193,3 +195,37 @@ def merge_windows(windows: jax.Array, window_size: Pair, shift_size: Pair, size:
     if sh > 0 or sw > 0:
         x = jnp.roll(x, shift=(sh, sw), axis=(1, 2))
     return x
+
+
+def resolve_window_args(window_size: Any, window_ratio: Any, num_stages: int) -> tuple[Any, Any]:
+    """``set_input_size``'s window arguments, checked and expanded per stage before anything changes (timm's).
+
+    Returns ``(window sizes, None)``, ``(None, window ratios)`` (a window size wins) or ``(None, None)``. Unlike a
+    window size, a sequence of two ratios is two stages.
+    """
+    if window_size is not None:
+        return resolve_stage_window_sizes(window_size, num_stages), None
+    if window_ratio is not None:
+        ratios = (window_ratio,) * num_stages if isinstance(window_ratio, (int, np.integer)) else tuple(window_ratio)
+        if len(ratios) != num_stages:
+            raise ValueError(f"expected {num_stages} stage window ratios, got {window_ratio!r}")
+        if not all(int(r) > 0 for r in ratios):
+            raise ValueError(f"window ratios must be positive, got {window_ratio!r}")
+        return None, tuple(int(r) for r in ratios)
+    return None, None
+
+
+def calc_stage_window_sizes(
+    grid_size: Pair,
+    ref_window_sizes: tuple[Pair, ...],
+    ref_grid_size: Pair,
+    window_sizes: tuple[Pair, ...] | None = None,
+    window_ratios: tuple[int, ...] | None = None,
+) -> tuple[Pair, ...]:
+    """Per-stage windows for a new patch grid, as timm's ``calc_stage_window_sizes``: the given sizes; else the grid
+    divided by each stage's ratio (at least 1); else each reference window scaled with the grid."""
+    if window_sizes is not None:
+        return window_sizes
+    if window_ratios is not None:
+        return tuple(tuple(max(1, g // r) for g in grid_size) for r in window_ratios)
+    return tuple(tuple(max(1, w * g // r) for w, g, r in zip(ws, grid_size, ref_grid_size)) for ws in ref_window_sizes)

@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from .. import attention
+from ..weights import resize_rel_pos_bias_table
 from ._base import SwinBase
 from ._layers import (
     LayerNorm,
@@ -36,7 +37,7 @@ from ._layers import (
     attention_softmax,
     materialize_grad,
 )
-from ._windows import Pair, calc_window_shift, relative_position_index, to_2tuple
+from ._windows import Pair, relative_position_index, to_2tuple
 
 __all__ = ["WindowAttention", "SwinTransformerBlock", "PatchMerging", "SwinTransformerStage", "SwinTransformer"]
 
@@ -87,6 +88,16 @@ class WindowAttention(nnx.Module):
         self.attn_drop = _dropout(attn_drop, rngs)
         self.proj = _linear(attn_dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.proj_drop = _dropout(proj_drop, rngs)
+
+    def set_window_size(self, window_size: Pair) -> None:
+        """A new window: the bias table is resized as timm's ``set_window_size`` does (resize_rel_pos_bias_table)."""
+        window_size = to_2tuple(window_size)
+        if window_size == self.window_size:
+            return
+        table = self.relative_position_bias_table
+        resized = resize_rel_pos_bias_table(np.asarray(table[...]), window_size, old_window_size=self.window_size)
+        self.relative_position_bias_table = nnx.Param(jnp.asarray(resized, table.dtype))
+        self.window_size = window_size
 
     def relative_position_bias(self) -> jax.Array:
         """The bias ``[num_heads, N, N]`` gathered from the table for this window size."""
@@ -187,10 +198,7 @@ class SwinTransformerBlock(WindowBlock):
             drop_path: stochastic depth rate.
             attn_impl: attention implementation (:func:`swin_jax.attention_impls`).
         """
-        self.input_resolution = to_2tuple(input_resolution)
-        self.window_size, self.shift_size = calc_window_shift(
-            self.input_resolution, to_2tuple(window_size), to_2tuple(shift_size), always_partition
-        )
+        self._set_geometry(input_resolution, window_size, shift_size, always_partition)
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm1 = LayerNorm(dim, **kw)
         self.attn = WindowAttention(

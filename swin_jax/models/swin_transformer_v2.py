@@ -32,7 +32,7 @@ from flax import nnx
 from .. import attention
 from ._base import SwinBase
 from ._layers import LayerNorm, Mlp, SwinStage, WindowBlock, _dropout, _linear, attention_softmax, materialize_grad
-from ._windows import Pair, calc_window_shift, relative_position_index, to_2tuple
+from ._windows import Pair, relative_position_index, to_2tuple
 
 __all__ = [
     "relative_coords_table",
@@ -129,6 +129,10 @@ class WindowAttention(nnx.Module):
         self.attn_drop = _dropout(attn_drop, rngs)
         self.proj = _linear(dim, dim, **kw)
         self.proj_drop = _dropout(proj_drop, rngs)
+
+    def set_window_size(self, window_size: Pair) -> None:
+        """A new window: the bias MLP's coordinates and the index follow it (no parameter changes), as timm."""
+        self.window_size = to_2tuple(window_size)
 
     def relative_position_bias(self) -> jax.Array:
         """The bias ``[num_heads, N, N]``: ``16 * sigmoid(cpb_mlp(coords))`` gathered for this window size."""
@@ -235,10 +239,7 @@ class SwinTransformerV2Block(WindowBlock):
             pretrained_window_size: the pre-training window (normalizes the position bias MLP's input).
             attn_impl: attention implementation (:func:`swin_jax.attention_impls`).
         """
-        self.input_resolution = to_2tuple(input_resolution)
-        self.window_size, self.shift_size = calc_window_shift(
-            self.input_resolution, to_2tuple(window_size), to_2tuple(shift_size), always_partition
-        )
+        self._set_geometry(input_resolution, window_size, shift_size, always_partition)
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.attn = WindowAttention(
             dim,

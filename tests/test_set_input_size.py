@@ -1,0 +1,88 @@
+"""``model.set_input_size`` on Swin V1 and SwinV2 equals timm 1.0.31's model after the same call: the per-block
+windows and shifts, the resized relative position bias tables (V1), the outputs at the new size, and what is recorded
+for a saved checkpoint."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from parity import assert_parity, images, jax_from_timm, small_logit_scales_, timm_model
+
+import swin_jax
+
+V1 = "swin_tiny_patch4_window7_224"
+V2 = "swinv2_tiny_window8_256"
+SMALL = dict(embed_dim=32, depths=(2, 2, 2), num_heads=(2, 2, 4))
+
+CASES = {
+    # img_size only: every stage's window scales with the grid (V1: 7 * 24 // 56 = 3, 7 * 40 // 56 = 5): the
+    # tables are resized 13x13 -> 5x9 (non-square, timm's geometric interpolation)
+    "v1_img_size_scales_windows": (V1, dict(), dict(img_size=(96, 160))),
+    # window ratio 4 of the new 16x24 grid -> window (4, 6) in every stage, always partitioned
+    "v1_window_ratio_always_partition": (V1, dict(), dict(img_size=(64, 96), window_ratio=4, always_partition=True)),
+    # per-stage windows at a larger size; the shifted blocks shift by half the new window
+    "v2_window_size_per_stage": (V2, dict(img_size=64, window_size=4), dict(img_size=(96, 80), window_size=(6, 5, 3))),
+}
+
+
+def _geometry(model) -> list[list[tuple]]:
+    return [
+        [(tuple(map(int, b.window_size)), tuple(map(int, b.shift_size))) for b in stage.blocks]
+        for stage in model.layers
+    ]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_set_input_size_equals_timm(case):
+    name, build, call = CASES[case]
+    kw = {**SMALL, **build}
+    tm = small_logit_scales_(timm_model(name, **kw))  # SwinV2 compared at fp32 directly (test_swinv2: large scales)
+    model = jax_from_timm(tm, name, **kw)
+    tm.set_input_size(**call)
+    model.set_input_size(**call)
+    assert model.img_size == tuple(tm.patch_embed.img_size)
+    assert _geometry(model) == _geometry(tm)
+    assert _geometry(model) != _geometry(jax_from_timm(timm_model(name, **kw), name, **kw))  # it did change
+    ours, ref = swin_jax.to_timm_state_dict(model), tm.state_dict()
+    assert {k: v.shape for k, v in ours.items()} == {k: tuple(v.shape) for k, v in ref.items()}
+    for k, v in ref.items():  # the resized tables: timm's interpolation in float32, ported to numpy
+        np.testing.assert_allclose(ours[k], v.numpy(), rtol=1e-6, atol=1e-6, err_msg=k)
+    assert_parity(model, tm, images((1, *model.img_size, 3), seed=1))
+    assert swin_jax.resolve_data_config(model)["input_size"] == (3, *model.img_size)
+
+
+def test_resized_model_saves_and_reloads_as_itself(tmp_path):
+    from swin_jax.hub import save_pretrained
+
+    model = swin_jax.create_model(V1, **SMALL)
+    model.set_input_size(img_size=(96, 160))
+    assert model.model_args["img_size"] == (96, 160) and model.model_args["window_size"] == ((3, 5),) * 3
+    again = swin_jax.create_model(V1, pretrained=str(save_pretrained(model, tmp_path / "resized")))
+    assert _geometry(again) == _geometry(model) and again.img_size == (96, 160)
+    ours, ref = swin_jax.to_timm_state_dict(again), swin_jax.to_timm_state_dict(model)
+    assert ours["layers.0.blocks.0.attn.relative_position_bias_table"].shape == (5 * 9, 2)
+    assert ours.keys() == ref.keys() and all(np.array_equal(ours[k], ref[k]) for k in ref)
+
+
+def test_set_input_size_at_the_current_size_changes_nothing():
+    model = swin_jax.create_model(V2, **SMALL)
+    before = (_geometry(model), model.img_size)
+    model.set_input_size()
+    model.set_input_size(img_size=model.img_size)
+    assert (_geometry(model), model.img_size) == before
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (dict(patch_size=2), NotImplementedError, "patch size is not supported|not supported"),
+        (dict(window_size=(4, 4, 4, 4)), ValueError, "expected 3 stage window sizes"),
+        (dict(window_ratio=(2, 0, 2)), ValueError, "window ratios must be positive"),
+    ],
+)
+def test_bad_arguments_change_nothing(call, error, match):
+    model = swin_jax.create_model(V1, **SMALL)
+    before = (_geometry(model), model.img_size)
+    with pytest.raises(error, match=match):
+        model.set_input_size(img_size=(96, 160), **call)
+    assert (_geometry(model), model.img_size) == before
