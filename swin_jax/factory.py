@@ -15,7 +15,7 @@ from flax import nnx
 
 from . import models
 from .hub import HF_HUB_PREFIX, CheckpointError, FreshHeadWarning, resolve_checkpoint
-from .models._base import SwinBase
+from .models._base import SwinBase, check_output_fmt
 from .registry import ARCH_FAMILY, ARCHITECTURES, get_arch_config, get_pretrained_cfg, split_model_name
 from .weights import WeightMismatchError, filter_timm_checkpoint, load_timm_state_dict, timm_param_shapes
 
@@ -241,6 +241,7 @@ def create_model(
     drop_path_rate: float = 0.0,
     features_only: bool = False,
     out_indices: int | Sequence[int] = DEFAULT_OUT_INDICES,
+    output_fmt: str = "NHWC",
     dtype: Any = jnp.float32,
     param_dtype: Any = jnp.float32,
     rngs: nnx.Rngs | None = None,
@@ -264,6 +265,8 @@ def create_model(
         features_only: return a model whose call gives the list of NHWC stage maps.
         out_indices: stages returned by a ``features_only`` model: indices (negative from the end), or an
             int n for the last n stages. The default means every stage, as timm.
+        output_fmt: layout of a ``features_only`` model's maps: ``'NHWC'`` (the JAX layout, the default) or
+            ``'NCHW'`` (timm's).
         dtype: compute dtype (e.g. ``jnp.bfloat16``).
         param_dtype: parameter dtype.
         rngs: NNX RNGs for initialization and dropout; ``nnx.Rngs(0)`` if None.
@@ -279,6 +282,7 @@ def create_model(
         TypeError: an unknown keyword argument.
     """
     options = {k: v for k, v in locals().items() if k in _OWN and k != "rngs"}
+    check_output_fmt(output_fmt)
     kwargs, pretrained_cfg = resolve_model_kwargs(name, options, arch_overrides)
     if pretrained is not False and pretrained is not None:
         # what the caller set wins over a checkpoint's config.json (in_chans=3, the default, does not count)
@@ -292,4 +296,5 @@ def create_model(
         model = build_model(split_model_name(name)[0], kwargs, rngs if rngs is not None else nnx.Rngs(0))
         model.pretrained_cfg = pretrained_cfg
     model.model_args = model_args_of(model.pretrained_cfg["architecture"], kwargs)
+    model.output_fmt = output_fmt
     return model

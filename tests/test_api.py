@@ -20,8 +20,9 @@ from timm.models import get_pretrained_cfg
 
 import swin_jax
 from swin_jax.factory import build_abstract_model
-from swin_jax.registry import ARCHITECTURES
+from swin_jax.registry import ARCHITECTURES, get_arch_config
 from swin_jax.registry import get_pretrained_cfg as jax_pretrained_cfg
+from swin_jax.weights import timm_param_shapes
 
 TINY = "swin_tiny_patch4_window7_224"
 BASE = "swin_base_patch4_window7_224"
@@ -217,6 +218,17 @@ def test_img_size_int_and_tuple(img_size, want):
     assert [m.shape for m in maps] == [tuple(r.permute(0, 2, 3, 1).shape) for r in ref_maps]
 
 
+@pytest.mark.parametrize("arch", TIMM_ARCHS)
+def test_every_architecture_has_timms_parameters(arch):
+    """Every parameter name and shape of timm's model (built on the meta device), at the real widths, heads, windows
+    and image size, one block per stage (the stages repeat the same block)."""
+    kw = dict(depths=(1, 1, 1, 1))
+    ref = {k: tuple(v.shape) for k, v in timm.create_model(arch, device="meta", **kw).state_dict().items()}
+    num_classes = jax_pretrained_cfg(arch)["num_classes"]
+    model = build_abstract_model(arch, {**get_arch_config(arch), **kw, "num_classes": num_classes})
+    assert timm_param_shapes(model) == ref
+
+
 @pytest.mark.parametrize("arch", ["swin_tiny_patch4_window7_224", "swin_base_patch4_window12_384", "swin_s3_tiny_224"])
 def test_feature_info_matches_timm(arch):
     ref = timm.create_model(arch, pretrained=False, **SMALL)
@@ -248,6 +260,29 @@ def test_features_only_int_out_indices_like_timm(out_indices):
     maps = jax.eval_shape(lambda x: model(x), jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32))
     with torch.no_grad():
         assert [m.shape for m in maps] == [tuple(r.shape) for r in ref(torch.zeros(1, 3, 224, 224))]
+
+
+def test_output_fmt_nchw_like_timm(small_timm, small_model):
+    """Maps stay NHWC by default; ``output_fmt='NCHW'`` gives timm's layout, in forward_intermediates and from a
+    features_only model."""
+    x = images((1, 64, 64, 3), seed=6)
+    run = jax.jit(
+        lambda m, x: (
+            m.forward_intermediates(x, intermediates_only=True),
+            m.forward_intermediates(x, output_fmt="NCHW", intermediates_only=True),
+        )
+    )
+    nhwc, nchw = run(small_model, x)
+    with torch.no_grad():
+        ref = small_timm.forward_intermediates(torch.from_numpy(x.transpose(0, 3, 1, 2)), intermediates_only=True)
+    assert [m.shape for m in nchw] == [tuple(r.shape) for r in ref]
+    for a, b in zip(nhwc, nchw):
+        np.testing.assert_array_equal(np.asarray(a).transpose(0, 3, 1, 2), np.asarray(b))
+    fmodel = swin_jax.create_model(TINY, features_only=True, out_indices=(1, 3), output_fmt="NCHW", **SMALL64)
+    maps = jax.eval_shape(lambda x: fmodel(x), jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
+    assert [m.shape for m in maps] == [tuple(ref[1].shape), tuple(ref[3].shape)]
+    with pytest.raises(ValueError, match=r"output_fmt must be one of \('NHWC', 'NCHW'\), got 'NWHC'"):
+        swin_jax.create_model(TINY, features_only=True, output_fmt="NWHC", **SMALL64)
 
 
 @pytest.mark.parametrize("depths", [(2, 2), (2, 2, 2), (2, 2, 2, 2, 2)])

@@ -83,7 +83,18 @@ def _shallow(arch: str) -> dict:
     return dict(depths=(2, 2, 2, 2), num_heads=heads, embed_dim=8 * heads[0])
 
 
-@pytest.mark.parametrize("arch", swin_jax.list_models("swin_*"))  # V1; SwinV2's: tests/test_swinv2.py
+# V1 architectures with distinct geometry under _shallow (small = tiny, s3_base = s3_tiny, large_384 = base_384 there);
+# every architecture's parameters: tests/test_api.py; SwinV2's geometry: tests/test_swinv2.py
+GEOMETRY_ARCHS = [
+    "swin_tiny_patch4_window7_224",
+    "swin_large_patch4_window7_224",
+    "swin_base_patch4_window12_384",
+    "swin_s3_tiny_224",
+    "swin_s3_small_224",
+]
+
+
+@pytest.mark.parametrize("arch", GEOMETRY_ARCHS)
 def test_every_architecture(arch):
     kw = _shallow(arch)
     tm = timm_model(arch, **kw)
@@ -93,6 +104,19 @@ def test_every_architecture(arch):
     assert _block_geometry(model) == _block_geometry(tm)
     size = model.img_size[0]
     assert_parity(model, tm, images((1, size, size, 3), seed=1))
+
+
+def test_geometry_archs_cover_every_v1_architecture():
+    """Every V1 architecture left out above has the image size and per-block windows and shifts of one that is
+    tested (it differs in width and heads only)."""
+
+    def geometry(arch):
+        model = nnx.eval_shape(lambda: swin_jax.create_model(arch, **_shallow(arch)))
+        return model.img_size, _block_geometry(model)
+
+    tested = [geometry(a) for a in GEOMETRY_ARCHS]
+    for arch in swin_jax.list_models("swin_*"):
+        assert geometry(arch) in tested, arch
 
 
 def test_architecture_geometry_is_exercised():
@@ -118,22 +142,26 @@ def test_architecture_geometry_is_exercised():
 VARIANTS = {
     # grids 24x40 -> 12x20 -> 6x10 -> 3x5: padding, and stage 2 has window (6, 7) with shift (0, 3)
     "non_square_96x160": (dict(img_size=(96, 160)), (1, 96, 160, 3)),
-    # grids 25x33 -> 13x17 -> 7x9 -> 4x5: odd maps into every PatchMerging, padding in every stage
-    "odd_100x132": (dict(img_size=(100, 132)), (1, 100, 132, 3)),
+    # grids 25x33 -> 13x17 -> 7x9 -> 4x5: odd maps into every PatchMerging, padding in every stage; 5 input
+    # channels, avgmax pooling
+    "odd_100x132_in_chans_5_pool_avgmax": (
+        dict(img_size=(100, 132), in_chans=5, global_pool="avgmax"),
+        (1, 100, 132, 5),
+    ),
     # grids 14x56 -> 7x28 -> 4x14 -> 2x7: one axis smaller than the window
     "clipped_56x224": (dict(img_size=(56, 224)), (1, 56, 224, 3)),
     # built for 224, run at 160x128: timm computes the shift masks from the input (dynamic mask)
     "dynamic_160x128": (dict(strict_img_size=False), (2, 160, 128, 3)),
     # built for 96x160 (clipped windows), run at a larger, odd-grid size
     "dynamic_odd_100x132": (dict(strict_img_size=False, img_size=(96, 160)), (1, 100, 132, 3)),
-    "num_classes_0": (dict(num_classes=0), (1, 224, 224, 3)),
-    "in_chans_1_pool_max": (dict(in_chans=1, global_pool="max"), (1, 224, 224, 1)),
-    "in_chans_5_pool_avgmax": (dict(in_chans=5, global_pool="avgmax"), (1, 224, 224, 5)),
+    # pooled features (no classifier), max-pooled, from one input channel
+    "num_classes_0_in_chans_1_pool_max": (dict(num_classes=0, in_chans=1, global_pool="max"), (1, 224, 224, 1)),
     # per-position logits [B, 7, 7, num_classes]
     "pool_none": (dict(global_pool=""), (2, 224, 224, 3)),
-    "pool_catavgmax_num_classes_10": (dict(global_pool="catavgmax", num_classes=10), (1, 224, 224, 3)),
-    "window_8": (dict(window_size=8, img_size=(64, 96)), (1, 64, 96, 3)),
-    "window_4x6": (dict(window_size=(4, 6)), (1, 224, 224, 3)),
+    "window_4x6_pool_catavgmax_num_classes_10": (
+        dict(window_size=(4, 6), global_pool="catavgmax", num_classes=10),
+        (1, 224, 224, 3),
+    ),
     # grids 16x24 -> 8x12 -> 4x6 -> 2x3: windows (4, 6), 5, (7, 3) -> (4, 3), 2 -> (2, 2)
     "window_per_stage": (dict(window_size=((4, 6), 5, (7, 3), 2), img_size=(64, 96)), (1, 64, 96, 3)),
     # windows larger than the maps (3x5 at the last stage), still partitioned and shifted
@@ -149,8 +177,8 @@ VARIANTS = {
         dict(strict_img_size=False, always_partition=True, img_size=(60, 44), window_size=(3, 9)),
         (2, 36, 80, 3),
     ),
-    "head_dim_mlp_ratio_no_qkv_bias": (
-        dict(head_dim=12, mlp_ratio=2.5, qkv_bias=False, img_size=(64, 96)),
+    "window_8_head_dim_mlp_ratio_no_qkv_bias": (
+        dict(window_size=8, head_dim=12, mlp_ratio=2.5, qkv_bias=False, img_size=(64, 96)),
         (1, 64, 96, 3),
     ),
 }
@@ -378,38 +406,37 @@ def test_jit_equals_eager(small_pair):
     assert_close(jitted, eager, what="jit vs eager")
 
 
-@EAGER
-def test_train_mode_drop_path(small_pair):
-    _, _, x = small_pair
-    kw = dict(SMALL, drop_path_rate=0.5)
+def test_train_mode_drop_path():
+    x = images((2, 64, 64, 3), seed=5)  # 64 px: stage maps 16 to 2, padded and clipped windows
+    kw = dict(SMALL, img_size=64, drop_path_rate=0.5)
     tm = timm_model(TINY, **kw)
     model = jax_from_timm(tm, TINY, **kw)
-    eval_out = np.asarray(model(x))
+    step = nnx.jit(lambda m, x: m(x))  # carries the drop path RNG state across calls (eager: test_jit_equals_eager)
+    eval_out = np.asarray(step(model, x))
     model.train()
-    a, b = np.asarray(model(x)), np.asarray(model(x))
+    a, b = np.asarray(step(model, x)), np.asarray(step(model, x))
     assert np.all(np.isfinite(a)) and np.all(np.isfinite(b))
     assert not np.allclose(a, b), "drop path is not random across calls in train mode"
     assert not np.allclose(a, eval_out), "drop path has no effect in train mode"
     model.eval()
-    out = np.asarray(model(x))
+    out = np.asarray(step(model, x))
     np.testing.assert_array_equal(out, eval_out)
     assert_close(out, _timm_call(tm, x), what="eval after train")
 
 
-@EAGER
-def test_train_mode_dropout(small_pair):
-    _, _, x = small_pair
-    kw = dict(SMALL, drop_rate=0.5, proj_drop_rate=0.2, attn_drop_rate=0.2)
+def test_train_mode_dropout():
+    x = images((2, 64, 64, 3), seed=5)  # 64 px: stage maps 16 to 2, padded and clipped windows
+    kw = dict(SMALL, img_size=64, drop_rate=0.5, proj_drop_rate=0.2, attn_drop_rate=0.2)
     tm = timm_model(TINY, **kw)
     model = jax_from_timm(tm, TINY, **kw)
-    eval_out = np.asarray(model(x))
+    step = nnx.jit(lambda m, x: m(x))  # carries the dropout RNG state across calls
+    eval_out = np.asarray(step(model, x))
     assert_close(eval_out, _timm_call(tm, x), what="eval with dropout rates")
     model.train()
-    step = nnx.jit(lambda m, x: m(x))  # carries the dropout RNG state across calls
     a, b = np.asarray(step(model, x)), np.asarray(step(model, x))
     assert not np.allclose(a, b) and not np.allclose(a, eval_out)
     model.eval()
-    np.testing.assert_array_equal(np.asarray(model(x)), eval_out)
+    np.testing.assert_array_equal(np.asarray(step(model, x)), eval_out)
 
 
 @EAGER

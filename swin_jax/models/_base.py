@@ -24,7 +24,44 @@ from ._windows import (
     to_2tuple,
 )
 
-__all__ = ["SwinBase"]
+__all__ = ["SwinBase", "trunk_args", "OUTPUT_FMTS", "check_output_fmt"]
+
+OUTPUT_FMTS = ("NHWC", "NCHW")
+
+
+def check_output_fmt(output_fmt: str) -> str:
+    """``output_fmt`` if it is ``'NHWC'`` or ``'NCHW'``, else a ValueError."""
+    if output_fmt not in OUTPUT_FMTS:
+        raise ValueError(f"output_fmt must be one of {OUTPUT_FMTS}, got {output_fmt!r}")
+    return output_fmt
+
+
+# the constructor arguments every family passes on to SwinBase._build_trunk
+TRUNK_ARGS = (
+    "img_size",
+    "patch_size",
+    "in_chans",
+    "num_classes",
+    "global_pool",
+    "embed_dim",
+    "depths",
+    "num_heads",
+    "window_size",
+    "strict_img_size",
+    "dynamic_img_size",
+    "drop_rate",
+    "drop_path_rate",
+    "features_only",
+    "out_indices",
+    "dtype",
+    "param_dtype",
+    "attn_impl",
+)
+
+
+def trunk_args(arguments: dict[str, Any]) -> dict[str, Any]:
+    """The shared constructor arguments out of a family constructor's ``locals()``."""
+    return {name: arguments[name] for name in TRUNK_ARGS}
 
 
 class SwinBase(nnx.Module):
@@ -33,6 +70,8 @@ class SwinBase(nnx.Module):
 
     def _build_trunk(
         self,
+        make_stage: Callable[..., nnx.Module],
+        rngs: nnx.Rngs,
         *,
         img_size: int | Pair,
         patch_size: int,
@@ -52,8 +91,6 @@ class SwinBase(nnx.Module):
         dtype: Any,
         param_dtype: Any,
         attn_impl: str,
-        make_stage: Callable[..., nnx.Module],
-        rngs: nnx.Rngs,
     ) -> None:
         """Set the shared attributes and build patch embedding, stages, final norm and head.
 
@@ -75,6 +112,7 @@ class SwinBase(nnx.Module):
         self.dtype = dtype
         self.param_dtype = param_dtype
         self.attn_impl = attention.check_attn_impl(attn_impl)
+        self.output_fmt = "NHWC"  # of a features_only model's maps (create_model(..., output_fmt=))
         self.embed_dim = embed_dim
         self.num_layers = num_layers
         self.num_features = int(embed_dim * 2 ** (num_layers - 1))
@@ -172,21 +210,24 @@ class SwinBase(nnx.Module):
         indices: int | Sequence[int] | None = None,
         norm: bool = False,
         stop_early: bool = False,
+        output_fmt: str = "NHWC",
         intermediates_only: bool = False,
     ) -> list[jax.Array] | tuple[jax.Array, list[jax.Array]]:
-        """Forward returning the stage maps, NHWC (timm's ``forward_intermediates``, channels last).
+        """Forward returning the stage maps (timm's ``forward_intermediates``; NHWC by default, the JAX layout).
 
         Args:
             x: ``[B, H, W, C]`` images.
             indices: stages to take: None = all, int n = last n, or a sequence of indices.
             norm: apply the final norm to the last stage's map when it is taken.
             stop_early: stop after the last stage taken.
+            output_fmt: layout of the maps, ``'NHWC'`` or ``'NCHW'`` (timm's default there).
             intermediates_only: return only the list of maps.
 
         Returns:
-            The list of maps, or ``(final_features, maps)`` where ``final_features`` has the final
+            The list of maps, or ``(final_features, maps)`` where ``final_features`` (NHWC) has the final
             norm applied if the last stage ran.
         """
+        output_fmt = check_output_fmt(output_fmt)
         x = self._check_input(x)
         take, last = feature_take_indices(len(self.layers), indices)
         stages = self.layers[: last + 1] if stop_early else self.layers
@@ -197,7 +238,8 @@ class SwinBase(nnx.Module):
         for i, stage in enumerate(stages):
             x = stage(x)
             if i in take:
-                maps.append(self.norm(x) if (norm and i == num_stages - 1 and self.norm is not None) else x)
+                m = self.norm(x) if (norm and i == num_stages - 1 and self.norm is not None) else x
+                maps.append(m.transpose(0, 3, 1, 2) if output_fmt == "NCHW" else m)
         if intermediates_only:
             return maps
         if i == num_stages - 1 and self.norm is not None:
@@ -221,9 +263,10 @@ class SwinBase(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array | list[jax.Array]:
         """Logits ``[B, num_classes]`` (pooled features when ``num_classes == 0``); for a
-        ``features_only`` model, the list of NHWC stage maps picked by ``out_indices``."""
+        ``features_only`` model, the list of stage maps picked by ``out_indices``, in ``self.output_fmt`` (NHWC
+        unless created with ``output_fmt='NCHW'``)."""
         if self.features_only:
-            return self.forward_intermediates(x, self.out_indices, intermediates_only=True)
+            return self.forward_intermediates(x, self.out_indices, output_fmt=self.output_fmt, intermediates_only=True)
         return self.forward_head(self.forward_features(x))
 
     # ---- head management ----

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -324,6 +324,38 @@ class SwinStage(nnx.Module):
     grad_checkpointing: bool
     input_resolution: Pair
     output_resolution: Pair
+
+    def _build(
+        self,
+        dim: int,
+        out_dim: int,
+        input_resolution: Pair,
+        depth: int,
+        downsample: bool,
+        window_size: Pair,
+        drop_path: Sequence[float] | float,
+        make_downsample: Callable[[], nnx.Module],
+        make_block: Callable[[Pair, Pair, float], nnx.Module],
+    ) -> None:
+        """Resolutions, the downsample (``make_downsample()``, halving the map) and ``depth`` blocks,
+        ``make_block(output_resolution, shift_size, drop_path)``, alternating regular and half-window-shifted."""
+        self.input_resolution = to_2tuple(input_resolution)
+        self.output_resolution = (
+            tuple((i + 1) // 2 for i in self.input_resolution) if downsample else self.input_resolution
+        )
+        window_size = to_2tuple(window_size)
+        shift_size = (window_size[0] // 2, window_size[1] // 2)
+        if downsample:
+            self.downsample = make_downsample()
+        else:
+            if dim != out_dim:
+                raise ValueError(f"a stage without downsampling keeps its width: dim {dim} != out_dim {out_dim}")
+            self.downsample = None
+        self.grad_checkpointing = False
+        rates = drop_path if isinstance(drop_path, (list, tuple)) else [drop_path] * depth
+        self.blocks = nnx.List(
+            [make_block(self.output_resolution, (0, 0) if i % 2 == 0 else shift_size, rates[i]) for i in range(depth)]
+        )
 
     def set_input_size(self, feat_size: Pair, window_size: Pair, always_partition: bool | None = None) -> None:
         """A new input feature size (before the downsample) and target window for every block, as timm's."""

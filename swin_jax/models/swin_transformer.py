@@ -25,7 +25,7 @@ from flax import nnx
 
 from .. import attention
 from ..weights import resize_rel_pos_bias_table
-from ._base import SwinBase
+from ._base import SwinBase, trunk_args
 from ._layers import (
     LayerNorm,
     Mlp,
@@ -263,40 +263,32 @@ class SwinTransformerStage(SwinStage):
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
-        self.input_resolution = to_2tuple(input_resolution)
-        self.output_resolution = (
-            tuple((i + 1) // 2 for i in self.input_resolution) if downsample else self.input_resolution
-        )
-        window_size = to_2tuple(window_size)
-        shift_size = (window_size[0] // 2, window_size[1] // 2)
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        if downsample:
-            self.downsample = PatchMerging(dim, out_dim, **kw)
-        else:
-            if dim != out_dim:
-                raise ValueError(f"a stage without downsampling keeps its width: dim {dim} != out_dim {out_dim}")
-            self.downsample = None
-        self.grad_checkpointing = False
-        self.blocks = nnx.List(
-            [
-                SwinTransformerBlock(
-                    out_dim,
-                    self.output_resolution,
-                    num_heads,
-                    head_dim,
-                    window_size,
-                    (0, 0) if i % 2 == 0 else shift_size,
-                    always_partition,
-                    mlp_ratio,
-                    qkv_bias,
-                    proj_drop,
-                    attn_drop,
-                    drop_path[i] if isinstance(drop_path, (list, tuple)) else drop_path,
-                    attn_impl,
-                    **kw,
-                )
-                for i in range(depth)
-            ]
+        self._build(
+            dim,
+            out_dim,
+            input_resolution,
+            depth,
+            downsample,
+            window_size,
+            drop_path,
+            lambda: PatchMerging(dim, out_dim, **kw),
+            lambda resolution, shift, rate: SwinTransformerBlock(
+                out_dim,
+                resolution,
+                num_heads,
+                head_dim,
+                window_size,
+                shift,
+                always_partition,
+                mlp_ratio,
+                qkv_bias,
+                proj_drop,
+                attn_drop,
+                rate,
+                attn_impl,
+                **kw,
+            ),
         )
 
 
@@ -385,28 +377,7 @@ class SwinTransformer(SwinBase):
                 **kw,
             )
 
-        self._build_trunk(
-            img_size=img_size,
-            patch_size=patch_size,
-            in_chans=in_chans,
-            num_classes=num_classes,
-            global_pool=global_pool,
-            embed_dim=embed_dim,
-            depths=depths,
-            num_heads=num_heads,
-            window_size=window_size,
-            strict_img_size=strict_img_size,
-            dynamic_img_size=dynamic_img_size,
-            drop_rate=drop_rate,
-            drop_path_rate=drop_path_rate,
-            features_only=features_only,
-            out_indices=out_indices,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            attn_impl=attn_impl,
-            make_stage=make_stage,
-            rngs=rngs,
-        )
+        self._build_trunk(make_stage, rngs, **trunk_args(locals()))
 
     def no_weight_decay(self) -> set[str]:
         """timm names of parameters that take no weight decay (relative position bias tables)."""

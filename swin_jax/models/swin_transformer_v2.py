@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from .. import attention
-from ._base import SwinBase
+from ._base import SwinBase, trunk_args
 from ._layers import LayerNorm, Mlp, SwinStage, WindowBlock, _dropout, _linear, attention_softmax, materialize_grad
 from ._windows import Pair, relative_position_index, to_2tuple
 
@@ -308,40 +308,32 @@ class SwinTransformerV2Stage(SwinStage):
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
-        self.input_resolution = to_2tuple(input_resolution)
-        self.output_resolution = (
-            tuple((i + 1) // 2 for i in self.input_resolution) if downsample else self.input_resolution
-        )
-        window_size = to_2tuple(window_size)
-        shift_size = (window_size[0] // 2, window_size[1] // 2)
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        if downsample:
-            self.downsample = PatchMerging(dim, out_dim, **kw)
-        else:
-            if dim != out_dim:
-                raise ValueError(f"a stage without downsampling keeps its width: dim {dim} != out_dim {out_dim}")
-            self.downsample = None
-        self.grad_checkpointing = False
-        self.blocks = nnx.List(
-            [
-                SwinTransformerV2Block(
-                    out_dim,
-                    self.output_resolution,
-                    num_heads,
-                    window_size,
-                    (0, 0) if i % 2 == 0 else shift_size,
-                    always_partition,
-                    mlp_ratio,
-                    qkv_bias,
-                    proj_drop,
-                    attn_drop,
-                    drop_path[i] if isinstance(drop_path, (list, tuple)) else drop_path,
-                    pretrained_window_size,
-                    attn_impl,
-                    **kw,
-                )
-                for i in range(depth)
-            ]
+        self._build(
+            dim,
+            out_dim,
+            input_resolution,
+            depth,
+            downsample,
+            window_size,
+            drop_path,
+            lambda: PatchMerging(dim, out_dim, **kw),
+            lambda resolution, shift, rate: SwinTransformerV2Block(
+                out_dim,
+                resolution,
+                num_heads,
+                window_size,
+                shift,
+                always_partition,
+                mlp_ratio,
+                qkv_bias,
+                proj_drop,
+                attn_drop,
+                rate,
+                pretrained_window_size,
+                attn_impl,
+                **kw,
+            ),
         )
 
 
@@ -432,28 +424,7 @@ class SwinTransformerV2(SwinBase):
                 **kw,
             )
 
-        self._build_trunk(
-            img_size=img_size,
-            patch_size=patch_size,
-            in_chans=in_chans,
-            num_classes=num_classes,
-            global_pool=global_pool,
-            embed_dim=embed_dim,
-            depths=depths,
-            num_heads=num_heads,
-            window_size=window_size,
-            strict_img_size=strict_img_size,
-            dynamic_img_size=dynamic_img_size,
-            drop_rate=drop_rate,
-            drop_path_rate=drop_path_rate,
-            features_only=features_only,
-            out_indices=out_indices,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            attn_impl=attn_impl,
-            make_stage=make_stage,
-            rngs=rngs,
-        )
+        self._build_trunk(make_stage, rngs, **trunk_args(locals()))
 
     def no_weight_decay(self) -> set[str]:
         """timm names of parameters that take no weight decay: the position bias MLPs and the logit scales."""
