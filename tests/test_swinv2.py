@@ -58,6 +58,7 @@ def _pair(**kwargs):
 # the function: float64 structure, fp32 as good as timm's, per configuration
 # ----------------------------------------------------------------------------------------------------------
 
+# (clipped windows: test_architecture_geometry_and_parity, window 16 on the last 8x8 stage)
 VARIANTS = {
     "padded_shifted_non_square": (dict(), (2, 64, 48, 3)),
     # pre-trained windows (8, 6) and (3, 3) normalize the bias MLP's coordinates differently per stage; no q/v bias
@@ -65,8 +66,6 @@ VARIANTS = {
         dict(pretrained_window_sizes=((8, 6), 3), qkv_bias=False, global_pool="max", num_classes=3),
         (1, 64, 48, 3),
     ),
-    # maps 8x8 and 4x4 under window 8: clipped to the map, no shift
-    "clipped_windows": (dict(img_size=32, window_size=8), (1, 32, 32, 3)),
     # windows larger than the maps, still partitioned and shifted (padding, mask on the padded size); built for
     # 32x32, run at 40x24: construction-time windows and shifts, the mask from the input
     "always_partition_dynamic_40x24": (
