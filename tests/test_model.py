@@ -29,6 +29,9 @@ from swin_jax.registry import ARCHITECTURES
 TINY = "swin_tiny_patch4_window7_224"
 # a small Swin: 4 stages with 2 blocks each (so every stage has a shifted block), 4 downsamplings
 SMALL = dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(2, 2, 4, 4))
+# train-mode tests: two stages of two blocks (regular and shifted), 64 px; every kind of dropout site, few RNG
+# draws to compile (XLA:CPU compiles threefry slowly: 11 s for the 4-stage SMALL model in train mode)
+TRAIN_SMALL = dict(embed_dim=32, depths=(2, 2), num_heads=(2, 2), img_size=64)
 # bf16 compute against the fp32 reference (only for the dtype test; fp32 comparisons use FP32_REL_TOL)
 BF16_REL_TOL = 2e-2
 
@@ -408,7 +411,7 @@ def test_jit_equals_eager(small_pair):
 
 def test_train_mode_drop_path():
     x = images((2, 64, 64, 3), seed=5)  # 64 px: stage maps 16 to 2, padded and clipped windows
-    kw = dict(SMALL, img_size=64, drop_path_rate=0.5)
+    kw = dict(TRAIN_SMALL, drop_path_rate=0.5)
     tm = timm_model(TINY, **kw)
     model = jax_from_timm(tm, TINY, **kw)
     step = nnx.jit(lambda m, x: m(x))  # carries the drop path RNG state across calls (eager: test_jit_equals_eager)
@@ -426,7 +429,7 @@ def test_train_mode_drop_path():
 
 def test_train_mode_dropout():
     x = images((2, 64, 64, 3), seed=5)  # 64 px: stage maps 16 to 2, padded and clipped windows
-    kw = dict(SMALL, img_size=64, drop_rate=0.5, proj_drop_rate=0.2, attn_drop_rate=0.2)
+    kw = dict(TRAIN_SMALL, drop_rate=0.5, proj_drop_rate=0.2, attn_drop_rate=0.2)
     tm = timm_model(TINY, **kw)
     model = jax_from_timm(tm, TINY, **kw)
     step = nnx.jit(lambda m, x: m(x))  # carries the dropout RNG state across calls
