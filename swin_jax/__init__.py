@@ -1,4 +1,4 @@
-"""swin-jax: the Swin Transformer family (V1, V2) in JAX / Flax NNX, numerically identical to timm.
+"""swin-jax: the Swin Transformer family (V1, V2, V2-CR) in JAX / Flax NNX, numerically identical to timm.
 
 Quick use::
 
@@ -14,7 +14,7 @@ from .data import create_transform, imagenet_class_names, imagenet_synsets, reso
 from .export import export_model
 from .factory import create_model
 from .inference import CompiledForward, compile_forward
-from .models import SwinTransformer, SwinTransformerV2
+from .models import SwinTransformer, SwinTransformerV2, SwinTransformerV2Cr
 from .registry import list_models
 from .weights import WeightMismatchError, load_timm_state_dict, to_timm_state_dict
 
@@ -24,6 +24,7 @@ __all__ = [
     "CompiledForward",
     "SwinTransformer",
     "SwinTransformerV2",
+    "SwinTransformerV2Cr",
     "WeightMismatchError",
     "attention_impls",
     "compile_forward",

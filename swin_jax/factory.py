@@ -30,6 +30,7 @@ _OWN |= {"drop_path_rate", "features_only", "out_indices", "dtype", "param_dtype
 # arguments that shape the weights or the function (recorded in a checkpoint's config.json as timm's "model_args")
 _WEIGHT_ARGS = ("img_size", "patch_size", "in_chans", "embed_dim", "depths", "num_heads", "head_dim", "window_size")
 _WEIGHT_ARGS += ("always_partition", "mlp_ratio", "qkv_bias", "pretrained_window_sizes")
+_WEIGHT_ARGS += ("window_ratio", "extra_norm_period", "extra_norm_stage")
 
 
 def model_class(arch: str) -> type[SwinBase]:
@@ -247,7 +248,7 @@ def create_model(
     rngs: nnx.Rngs | None = None,
     **arch_overrides: Any,
 ) -> SwinBase:
-    """Create a Swin Transformer (V1 or V2) by name, with timm's ``create_model`` semantics.
+    """Create a Swin Transformer (V1, V2 or V2-CR) by name, with timm's ``create_model`` semantics.
 
     Args:
         name: architecture (``'swin_base_patch4_window7_224'``), optionally with a pretrained tag
@@ -274,8 +275,8 @@ def create_model(
             ``mlp_ratio``, ``drop_rate``, ...).
 
     Returns:
-        A :class:`swin_jax.SwinTransformer` (``swin_*``) or :class:`swin_jax.SwinTransformerV2` (``swinv2_*``)
-        in eval mode, with ``pretrained_cfg`` set.
+        A :class:`swin_jax.SwinTransformer` (``swin_*``), :class:`swin_jax.SwinTransformerV2` (``swinv2_*``) or
+        :class:`swin_jax.SwinTransformerV2Cr` (``swinv2_cr_*``) in eval mode, with ``pretrained_cfg`` set.
 
     Raises:
         ValueError: unknown model name or tag (with close matches), bad configuration.

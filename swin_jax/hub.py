@@ -267,6 +267,11 @@ def resolve_checkpoint(
 ) -> Checkpoint:
     """Read the checkpoint ``pretrained`` names for model ``name``."""
     if pretrained is True:
+        if not pretrained_cfg.get("hf_hub_id"):
+            raise CheckpointError(
+                f"{name} has no pretrained weights (tag {pretrained_cfg.get('tag')!r}); the tags with weights are "
+                f"listed by swin_jax.list_models({pretrained_cfg.get('architecture', name)!r}, pretrained=True)"
+            )
         return read_hub_checkpoint(pretrained_cfg["hf_hub_id"])
     if isinstance(pretrained, str) and pretrained.startswith(HF_HUB_PREFIX):
         return read_hub_checkpoint(pretrained[len(HF_HUB_PREFIX) :])

@@ -1,8 +1,10 @@
-"""The Swin family's architectures and pretrained tags, as timm registers them: V1 (``swin_*``) and V2 (``swinv2_*``).
+"""The Swin family's architectures and pretrained tags, as timm registers them: V1 (``swin_*``), V2 (``swinv2_*``)
+and V2-CR (``swinv2_cr_*``).
 
-Each architecture names its family (the model class) and its constructor arguments; each pretrained tag
-carries its data config next to its weights' Hub id, like timm's ``default_cfgs``. The default tag of an
-architecture is its first tag in timm's order (``pretrained=True`` without a tag).
+Each architecture names its family (the model class) and its constructor arguments; each tag carries its data
+config next to its weights' Hub id, like timm's ``default_cfgs``. The default tag of an architecture is its first tag
+in timm's order (``pretrained=True`` without a tag). Like timm, most V2-CR architectures have only an
+``untrained`` tag: a data config without weights (``hf_hub_id`` None), not listed by ``list_models(pretrained=True)``.
 """
 
 from __future__ import annotations
@@ -86,11 +88,43 @@ _SWINV2: dict[str, dict[str, Any]] = {
     "swinv2_large_window12to24_192to384": dict(img_size=384, window_size=24, **_V2_L, **_V2_PRETRAINED_12),
 }
 
-ARCHITECTURES: dict[str, dict[str, Any]] = {**_SWIN, **_SWINV2}
+_CR_T = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))
+_CR_S = dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24))
+_CR_B = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32))
+_CR_L = dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48))
+_CR_G = dict(embed_dim=512, depths=(2, 2, 42, 2), num_heads=(16, 32, 64, 128), extra_norm_period=6)
+_NS = dict(extra_norm_stage=True)
+# timm passes the tag's input size as img_size; the windows follow from window_ratio=8 (7 at 224, 12 at 384, 8 at 256)
+_SWINV2_CR: dict[str, dict[str, Any]] = {
+    "swinv2_cr_tiny_384": dict(img_size=384, **_CR_T),
+    "swinv2_cr_tiny_224": dict(img_size=224, **_CR_T),
+    "swinv2_cr_tiny_ns_224": dict(img_size=224, **_CR_T, **_NS),
+    "swinv2_cr_small_384": dict(img_size=384, **_CR_S),
+    "swinv2_cr_small_224": dict(img_size=224, **_CR_S),
+    "swinv2_cr_small_ns_224": dict(img_size=224, **_CR_S, **_NS),
+    "swinv2_cr_small_ns_256": dict(img_size=256, **_CR_S, **_NS),
+    "swinv2_cr_base_384": dict(img_size=384, **_CR_B),
+    "swinv2_cr_base_224": dict(img_size=224, **_CR_B),
+    "swinv2_cr_base_ns_224": dict(img_size=224, **_CR_B, **_NS),
+    "swinv2_cr_large_384": dict(img_size=384, **_CR_L),
+    "swinv2_cr_large_224": dict(img_size=224, **_CR_L),
+    # timm is not sure of Huge's heads, and tries different ones at 384 and 224
+    "swinv2_cr_huge_384": dict(
+        img_size=384, embed_dim=352, depths=(2, 2, 18, 2), num_heads=(11, 22, 44, 88), extra_norm_period=6
+    ),
+    "swinv2_cr_huge_224": dict(
+        img_size=224, embed_dim=352, depths=(2, 2, 18, 2), num_heads=(8, 16, 32, 64), extra_norm_period=6
+    ),
+    "swinv2_cr_giant_384": dict(img_size=384, **_CR_G),
+    "swinv2_cr_giant_224": dict(img_size=224, **_CR_G),
+}
+
+ARCHITECTURES: dict[str, dict[str, Any]] = {**_SWIN, **_SWINV2, **_SWINV2_CR}
 # architecture -> model class name in swin_jax.models
 ARCH_FAMILY: dict[str, str] = {
     **{name: "SwinTransformer" for name in _SWIN},
     **{name: "SwinTransformerV2" for name in _SWINV2},
+    **{name: "SwinTransformerV2Cr" for name in _SWINV2_CR},
 }
 
 _RELEASES = "https://github.com/SwinTransformer/storage/releases/download"
@@ -198,7 +232,43 @@ _SWINV2_CFGS: dict[str, dict[str, Any]] = dict(
 )
 # fmt: on
 
-PRETRAINED_CFGS: dict[str, dict[str, Any]] = {**_SWIN_CFGS, **_SWINV2_CFGS}
+_CR_RELEASES = "https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-weights-swinv2"
+_CR_384 = dict(input_size=(3, 384, 384), crop_pct=1.0, pool_size=(12, 12))
+
+
+def _cfg_cr(arch: str, tag: str = "untrained", file: str = "", **kwargs: Any) -> tuple[str, dict[str, Any]]:
+    """timm's ``_cfg`` of swin_transformer_v2_cr.py (apache-2.0); an ``untrained`` tag has no url and no Hub id."""
+    url = f"{_CR_RELEASES}/{file}" if file else ""
+    name, cfg = _cfg(arch, tag, url, license="apache-2.0", **kwargs)
+    if not file:
+        cfg["hf_hub_id"] = None
+    return name, cfg
+
+
+# fmt: off
+_SWINV2_CR_CFGS: dict[str, dict[str, Any]] = dict(
+    [
+        _cfg_cr("swinv2_cr_tiny_384", **_CR_384),
+        _cfg_cr("swinv2_cr_tiny_224"),
+        _cfg_cr("swinv2_cr_tiny_ns_224", "sw_in1k", "swin_v2_cr_tiny_ns_224-ba8166c6.pth"),
+        _cfg_cr("swinv2_cr_small_384", **_CR_384),
+        _cfg_cr("swinv2_cr_small_224", "sw_in1k", "swin_v2_cr_small_224-0813c165.pth"),
+        _cfg_cr("swinv2_cr_small_ns_224", "sw_in1k", "swin_v2_cr_small_ns_224_iv-2ce90f8e.pth"),
+        _cfg_cr("swinv2_cr_small_ns_256", input_size=(3, 256, 256), crop_pct=1.0, pool_size=(8, 8)),
+        _cfg_cr("swinv2_cr_base_384", **_CR_384),
+        _cfg_cr("swinv2_cr_base_224"),
+        _cfg_cr("swinv2_cr_base_ns_224"),
+        _cfg_cr("swinv2_cr_large_384", **_CR_384),
+        _cfg_cr("swinv2_cr_large_224"),
+        _cfg_cr("swinv2_cr_huge_384", **_CR_384),
+        _cfg_cr("swinv2_cr_huge_224"),
+        _cfg_cr("swinv2_cr_giant_384", **_CR_384),
+        _cfg_cr("swinv2_cr_giant_224"),
+    ]
+)
+# fmt: on
+
+PRETRAINED_CFGS: dict[str, dict[str, Any]] = {**_SWIN_CFGS, **_SWINV2_CFGS, **_SWINV2_CR_CFGS}
 
 # timm's deprecated names, still accepted (with the tag they now mean)
 DEPRECATED_NAMES = {
@@ -220,12 +290,12 @@ def list_models(pattern: str | list[str] = "*", pretrained: bool = False) -> lis
 
     Args:
         pattern: fnmatch pattern (or list of patterns) on the name (``arch.tag`` when ``pretrained``).
-        pretrained: list pretrained ``arch.tag`` names instead of architectures.
+        pretrained: list the ``arch.tag`` names that have weights instead of architectures.
 
     Returns:
         Sorted list of names.
     """
-    names = list(PRETRAINED_CFGS) if pretrained else list(ARCHITECTURES)
+    names = [n for n, cfg in PRETRAINED_CFGS.items() if cfg["hf_hub_id"]] if pretrained else list(ARCHITECTURES)
     patterns = [pattern] if isinstance(pattern, str) else list(pattern)
     out: set[str] = set()
     for p in patterns:

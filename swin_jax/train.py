@@ -64,10 +64,11 @@ __all__ = [
     "mixup_cutmix",
 ]
 
-# timm's SwinTransformer.group_matcher(coarse=False): (regex, suffix) per entry of the 'blocks' group
+# timm's SwinTransformer.group_matcher(coarse=False): (regex, suffix) per entry of the 'blocks' group; V2's is the
+# same, V2-CR's names its stages ``stages`` (and has no final norm)
 _BLOCKS_MATCHER = (
-    (re.compile(r"^layers\.(\d+).downsample"), (0,)),
-    (re.compile(r"^layers\.(\d+)\.\w+\.(\d+)"), None),
+    (re.compile(r"^(?:layers|stages)\.(\d+).downsample"), (0,)),
+    (re.compile(r"^(?:layers|stages)\.(\d+)\.\w+\.(\d+)"), None),
     (re.compile(r"^norm"), (99999,)),
 )
 _STEM_MATCHER = re.compile(r"^patch_embed")

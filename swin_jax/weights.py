@@ -11,12 +11,13 @@ NNX leaf                        timm leaf                    layout
 ``scale`` (LayerNorm)           ``weight``                   same
 ``bias``                        ``bias``                     same
 ``relative_position_bias_table`` same                        same
-``logit_scale`` (V2)            same                         same (``[heads, 1, 1]``)
+``logit_scale`` (V2, V2-CR)     same                         same (``[heads, 1, 1]``; V2-CR ``[heads]``)
 ``q_bias``, ``v_bias`` (V2)     same                         same
 ==============================  ===========================  =====================================
 
 timm's non-persistent buffers (``relative_position_index``, ``attn_mask``, V2's ``relative_coords_table``
-and ``k_bias``) are ignored; this library computes them from the window geometry.
+and ``k_bias``, V2-CR's ``relative_coordinates_log``) are ignored; this library computes them from the window
+geometry. V2-CR's stages are ``stages.{i}`` where V1 and V2 have ``layers.{i}``: the names are the tree's.
 """
 
 from __future__ import annotations
@@ -46,7 +47,13 @@ __all__ = [
 ]
 
 # timm buffers that are never loaded (recomputed from the window geometry)
-IGNORED_BUFFERS = ("relative_position_index", "attn_mask", "relative_coords_table", "k_bias")
+IGNORED_BUFFERS = (
+    "relative_position_index",
+    "attn_mask",
+    "relative_coords_table",
+    "k_bias",
+    "relative_coordinates_log",
+)
 
 
 def _identity(a: np.ndarray) -> np.ndarray:
@@ -145,7 +152,8 @@ def is_ignored_timm_key(model: nnx.Module, key: str) -> bool:
         if key.startswith("norm."):
             return True
         parts = key.split(".")
-        if parts[0] == "layers" and len(parts) > 1 and parts[1].isdigit() and int(parts[1]) >= len(model.layers):
+        stages = model.stage_modules
+        if parts[0] == model.stages_attr and len(parts) > 1 and parts[1].isdigit() and int(parts[1]) >= len(stages):
             return True
     return False
 
@@ -353,13 +361,16 @@ def _unwrap(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def filter_timm_checkpoint(state_dict: Mapping[str, Any], model: nnx.Module) -> dict[str, np.ndarray]:
-    """Bring a timm or original Microsoft Swin (V1 or V2) checkpoint to this model, as timm's ``checkpoint_filter_fn``.
+    """Bring a timm or original Microsoft Swin (V1, V2) or V2-CR checkpoint to this model, as timm's
+    ``checkpoint_filter_fn``.
 
     * unwraps ``{"model": ...}`` / ``{"state_dict": ...}``;
     * drops the non-persistent buffers (``relative_position_index``, ``attn_mask``, V2's ``relative_coords_table``
-      and ``k_bias``);
+      and ``k_bias``, V2-CR's ``relative_coordinates_log``);
     * original Microsoft layout (downsample stored at the end of the previous stage, ``head.`` instead
       of ``head.fc.``) is renamed to timm's;
+    * old V2-CR checkpoints: ``tau`` (the paper's temperature) becomes ``logit_scale = ln(1 / tau)``, and ``head.``
+      ``head.fc.``;
     * relative position tables are resized to the model's (possibly clipped) window per block;
     * the stem is adapted to the model's ``in_chans``.
 
@@ -367,20 +378,25 @@ def filter_timm_checkpoint(state_dict: Mapping[str, Any], model: nnx.Module) -> 
     """
     state_dict = _unwrap(state_dict)
     old_layout = "layers.0.downsample.reduction.weight" in state_dict
+    old_cr = model.stages_attr == "stages" and "head.fc.weight" not in state_dict
     out = {}
     for key, value in state_dict.items():
         if any(b in key for b in IGNORED_BUFFERS):
             continue
+        value = _to_numpy(value)
         if old_layout:
             key = re.sub(r"layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) + 1}.downsample", key)
+        if old_layout or old_cr:
             key = key.replace("head.", "head.fc.") if key.startswith("head.") and "head.fc." not in key else key
-        value = _to_numpy(value)
+        if old_cr and key.endswith(".tau"):
+            key, value = key[: -len("tau")] + "logit_scale", np.log(1.0 / value).astype(value.dtype)
         match = re.fullmatch(r"layers\.(\d+)\.blocks\.(\d+)\.attn\.relative_position_bias_table", key)
         if match and value.ndim == 2:
             stage, block = int(match.group(1)), int(match.group(2))
             attn = None
-            if stage < len(model.layers) and block < len(model.layers[stage].blocks):
-                attn = model.layers[stage].blocks[block].attn
+            stages = model.stage_modules if model.stages_attr == "layers" else []
+            if stage < len(stages) and block < len(stages[stage].blocks):
+                attn = stages[stage].blocks[block].attn
             if getattr(attn, "relative_position_bias_table", None) is not None:  # a V1 table for a V1 model
                 want = tuple(attn.relative_position_bias_table.shape)
                 if value.shape != want or attn.window_size[0] != attn.window_size[1]:

@@ -32,8 +32,8 @@ SMALL64 = dict(SMALL, img_size=64)
 
 
 def _ours(names: list[str]) -> list[str]:
-    """timm's Swin V1 and V2 names (V2-CR is not ported yet)."""
-    return [n for n in names if n.startswith(("swin_", "swinv2_")) and not n.startswith("swinv2_cr_")]
+    """timm's Swin V1, V2 and V2-CR names."""
+    return [n for n in names if n.startswith(("swin_", "swinv2_"))]
 
 
 TIMM_ARCHS = _ours(timm.list_models("swin*"))
@@ -63,7 +63,7 @@ def _params(model) -> dict:
 
 
 def test_list_models_names_match_timm():
-    assert len(TIMM_ARCHS) == 9 + 12
+    assert len(TIMM_ARCHS) == 9 + 12 + 16
     assert sorted(swin_jax.list_models()) == sorted(TIMM_ARCHS)
 
 
@@ -73,7 +73,7 @@ def test_list_models_order_matches_timm():
 
 
 def test_list_pretrained_names_match_timm():
-    assert len(TIMM_PRETRAINED) == 19 + 12
+    assert len(TIMM_PRETRAINED) == 19 + 12 + 3
     assert sorted(swin_jax.list_models(pretrained=True)) == sorted(TIMM_PRETRAINED)
 
 
@@ -94,6 +94,8 @@ def test_list_pretrained_order_matches_timm():
         ("swin_s3*", True),
         ("swin_large_patch4_window12_384", True),
         ("swinv2*", False),
+        ("swinv2_cr*", True),
+        ("*_ns_*", False),
         ("*192*", True),
         ("nothing*", False),
     ],
@@ -107,8 +109,13 @@ def test_list_models_patterns(pattern, pretrained):
 def test_list_pretrained_filters_architectures():
     pretrained = swin_jax.list_models(pretrained=True)
     assert all("." in n and n.split(".")[0] in ARCHITECTURES for n in pretrained)
-    # every architecture has weights
-    assert {n.split(".")[0] for n in pretrained} == set(swin_jax.list_models())
+    # every V1 and V2 architecture has weights; of V2-CR's 16, three do (the others have an untrained tag only)
+    with_weights = {n.split(".")[0] for n in pretrained}
+    assert with_weights == {a for a in swin_jax.list_models() if not a.startswith("swinv2_cr_")} | {
+        "swinv2_cr_tiny_ns_224",
+        "swinv2_cr_small_224",
+        "swinv2_cr_small_ns_224",
+    }
     assert len(swin_jax.list_models("*in22k", pretrained=True)) == 6 + 2
 
 
@@ -155,11 +162,11 @@ def test_pretrained_cfg_matches_timm(name):
 
 @pytest.mark.parametrize("arch", TIMM_ARCHS)
 def test_default_tag_matches_timm(arch):
-    ref = timm.create_model(arch, pretrained=False, device="meta", **SMALL)
-    model = nnx.eval_shape(lambda: swin_jax.create_model(arch, **SMALL))
-    assert model.pretrained_cfg["tag"] == ref.pretrained_cfg["tag"]
-    assert model.pretrained_cfg["hf_hub_id"] == ref.pretrained_cfg["hf_hub_id"]
-    assert model.num_classes == ref.num_classes
+    ref = get_pretrained_cfg(arch).to_dict()  # timm's default tag of the architecture
+    ours = jax_pretrained_cfg(arch)
+    assert ours["tag"] == ref["tag"]
+    assert ours["hf_hub_id"] == ref.get("hf_hub_id")  # None: timm's untrained tags (V2-CR)
+    assert ours["num_classes"] == ref["num_classes"]
 
 
 def test_default_tags():
@@ -218,15 +225,34 @@ def test_img_size_int_and_tuple(img_size, want):
     assert [m.shape for m in maps] == [tuple(r.permute(0, 2, 3, 1).shape) for r in ref_maps]
 
 
-@pytest.mark.parametrize("arch", TIMM_ARCHS)
+def _parameter_shaping(arch: str) -> tuple:
+    """What shapes an architecture's parameters at one block per stage: its config without depths and image size,
+    and for SwinV2 / V2-CR (whose position bias is an MLP) without the windows either."""
+    cfg = {k: v for k, v in get_arch_config(arch).items() if k not in ("depths", "img_size")}
+    if arch.startswith("swinv2"):
+        cfg = {k: v for k, v in cfg.items() if k not in ("window_size", "pretrained_window_sizes")}
+    return (arch.split("_")[0] + ("_cr" if "_cr_" in arch else ""), tuple(sorted(cfg.items())))
+
+
+# one architecture per distinct parameter shaping (18 of the 37)
+PARAM_ARCHS = sorted({_parameter_shaping(a): a for a in TIMM_ARCHS}.values(), key=TIMM_ARCHS.index)
+
+
+@pytest.mark.parametrize("arch", PARAM_ARCHS)
 def test_every_architecture_has_timms_parameters(arch):
     """Every parameter name and shape of timm's model (built on the meta device), at the real widths, heads, windows
-    and image size, one block per stage (the stages repeat the same block)."""
+    and image size, one block per stage (the stages repeat the same block). The architectures left out share their
+    parameter shaping with one tested here (the image size and, for the MLP position biases, the window do not shape
+    parameters; timm's models on the meta device confirm it below)."""
     kw = dict(depths=(1, 1, 1, 1))
     ref = {k: tuple(v.shape) for k, v in timm.create_model(arch, device="meta", **kw).state_dict().items()}
     num_classes = jax_pretrained_cfg(arch)["num_classes"]
     model = build_abstract_model(arch, {**get_arch_config(arch), **kw, "num_classes": num_classes})
     assert timm_param_shapes(model) == ref
+    for other in TIMM_ARCHS:
+        if other != arch and _parameter_shaping(other) == _parameter_shaping(arch):
+            twin = timm.create_model(other, device="meta", num_classes=num_classes, **kw).state_dict()
+            assert {k: tuple(v.shape) for k, v in twin.items()} == ref, other
 
 
 @pytest.mark.parametrize("arch", ["swin_tiny_patch4_window7_224", "swin_base_patch4_window12_384", "swin_s3_tiny_224"])

@@ -38,6 +38,7 @@ CUSTOM_REPO = "someorg/somerepo"
 CUSTOM_CLASSES = 37
 UNCACHED = "swin_small_patch4_window7_224.ms_in22k"  # a real tag whose repo is not in the cache
 V2 = "swinv2_base_window12to16_192to256.ms_in22k_ft_in1k"
+CR = "swinv2_cr_small_ns_224.sw_in1k"
 
 # key -> (timm model name, seed, extra timm kwargs, Hub repo or None, input)
 EXPORTS: dict[str, tuple[str, int, dict[str, Any], str | None, str]] = {
@@ -56,6 +57,8 @@ EXPORTS: dict[str, tuple[str, int, dict[str, Any], str | None, str]] = {
     "w8": (f"{TINY}.ms_in1k", 5, dict(img_size=256, window_size=8), None, "x256"),
     # SwinV2, window 16 at 256 with the 192-pixel pre-training windows (12, 12, 12, 6)
     "v2": (V2, 6, {}, f"timm/{V2}", "x256"),
+    # SwinV2-CR, the model card's: stages named `stages`, norm3 closing each stage, no final norm
+    "cr": (CR, 7, {}, f"timm/{CR}", "x224"),
 }
 
 # key -> (swin_jax name, pretrained, extra kwargs, export whose timm model is the reference)
@@ -72,6 +75,7 @@ JOBS: dict[str, tuple[str, Any, dict[str, Any], str]] = {
     "flax_dir": (TINY, "{flax_dir}", {}, "t1k"),
     "w8_dir": (TINY, "{w8_dir}", {}, "w8"),
     "v2": (V2, True, {}, "v2"),
+    "cr": (CR, True, {}, "cr"),
     "uncached": (UNCACHED, True, {}, ""),
 }
 
@@ -120,7 +124,7 @@ for key, job in spec.items():
         "data_config": resolve_data_config(model),
         "geometry": [
             [[list(map(int, b.window_size)), list(map(int, b.shift_size))] for b in stage.blocks]
-            for stage in model.layers
+            for stage in model.stage_modules
         ],
     }
 results["_torch"] = {
@@ -143,7 +147,8 @@ def _timm_logits(tm: torch.nn.Module, x: np.ndarray) -> np.ndarray:
 
 def _block_geometry(model) -> list:
     return [
-        [[list(map(int, b.window_size)), list(map(int, b.shift_size))] for b in stage.blocks] for stage in model.layers
+        [[list(map(int, b.window_size)), list(map(int, b.shift_size))] for b in stage.blocks]
+        for stage in getattr(model, "layers", None) or model.stages
     ]
 
 
@@ -253,7 +258,7 @@ def test_pretrained_logits_match_timm(hub_run, exports, inputs, key):
     assert_close(ours, _timm_logits(tm, x), what=f"{key} logits")
 
 
-@pytest.mark.parametrize("key", ["t1k", "default_tag", "t22k", "b384", "s3", "v2"])
+@pytest.mark.parametrize("key", ["t1k", "default_tag", "t22k", "b384", "s3", "v2", "cr"])
 def test_pretrained_cfg_and_data_config_match_the_tag(hub_run, exports, key):
     results, _ = hub_run
     name = JOBS[key][0]
@@ -307,6 +312,15 @@ def test_swinv2_loads_with_its_pretrained_windows(hub_run, exports):
     assert results["v2"]["geometry"][0][1] == [[16, 16], [8, 8]]
     assert results["v2"]["data_config"]["input_size"] == [3, 256, 256]
     assert results["v2"]["data_config"]["crop_pct"] == 0.9
+
+
+def test_swinv2_cr_loads_with_its_ratio_windows(hub_run, exports):
+    """A SwinV2-CR tag through the cache: windows 7 from window_ratio 8 at 224 (the last 7x7 stage one unshifted
+    window); its logits match timm's (test_pretrained_logits_match_timm)."""
+    results, _ = hub_run
+    assert results["cr"]["geometry"] == _block_geometry(exports["cr"][0])
+    assert results["cr"]["geometry"][3] == [[[7, 7], [0, 0]]] * 2
+    assert results["cr"]["data_config"]["input_size"] == [3, 224, 224]
 
 
 def test_hf_hub_custom_repo(hub_run):

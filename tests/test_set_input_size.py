@@ -1,6 +1,6 @@
-"""``model.set_input_size`` on Swin V1 and SwinV2 equals timm 1.0.31's model after the same call: the per-block
-windows and shifts, the resized relative position bias tables (V1), the outputs at the new size, and what is recorded
-for a saved checkpoint."""
+"""``model.set_input_size`` on Swin V1, SwinV2 and SwinV2-CR equals timm 1.0.31's model after the same call: the
+per-block windows and shifts, the resized relative position bias tables (V1), the outputs at the new size, and what is
+recorded for a saved checkpoint."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import swin_jax
 
 V1 = "swin_tiny_patch4_window7_224"
 V2 = "swinv2_tiny_window8_256"
+CR = "swinv2_cr_tiny_ns_224"
 SMALL = dict(embed_dim=32, depths=(2, 2, 2), num_heads=(2, 2, 4))
 
 CASES = {
@@ -22,14 +23,15 @@ CASES = {
     "v1_window_ratio_always_partition": (V1, dict(), dict(img_size=(64, 96), window_ratio=4, always_partition=True)),
     # per-stage windows at a larger size; the shifted blocks shift by half the new window
     "v2_window_size_per_stage": (V2, dict(img_size=64, window_size=4), dict(img_size=(96, 80), window_size=(6, 5, 3))),
+    # V2-CR at 128 px: window_ratio 8 of the 32x32 grid gives 4x4 windows; img_size only scales them with the grid
+    # (24x40 -> 3x5); the meta network's coordinates follow the new windows
+    "cr_img_size_scales_ratio_windows": (CR, dict(img_size=128), dict(img_size=(96, 160))),
 }
 
 
 def _geometry(model) -> list[list[tuple]]:
-    return [
-        [(tuple(map(int, b.window_size)), tuple(map(int, b.shift_size))) for b in stage.blocks]
-        for stage in model.layers
-    ]
+    stages = model.stage_modules if hasattr(model, "stage_modules") else getattr(model, "layers", None) or model.stages
+    return [[(tuple(map(int, b.window_size)), tuple(map(int, b.shift_size))) for b in stage.blocks] for stage in stages]
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -134,10 +134,10 @@ def _config_args(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _stage_depths(keys: Any) -> tuple[int, ...]:
-    """Blocks per stage, from ``layers.{i}.blocks.{j}.*`` keys."""
+    """Blocks per stage, from ``layers.{i}.blocks.{j}.*`` (V2-CR: ``stages.{i}...``) keys."""
     blocks: dict[int, set[int]] = {}
     for key in keys:
-        m = re.match(r"layers\.(\d+)\.blocks\.(\d+)\.", key)
+        m = re.match(r"(?:layers|stages)\.(\d+)\.blocks\.(\d+)\.", key)
         if m:
             blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
     return tuple(len(blocks.get(i, ())) for i in range(max(blocks) + 1)) if blocks else ()
@@ -156,16 +156,21 @@ def infer_architecture(state: Mapping[str, np.ndarray], model_args: Mapping[str,
     """The one registered architecture whose parameters have exactly the checkpoint's names and shapes.
 
     ``model_args`` (``--model-args``) apply to every candidate. Candidates are narrowed by family (SwinV2 weights
-    have a position-bias MLP, ``cpb_mlp``), ``embed_dim`` and blocks per stage read from the keys, then compared key
-    by key and shape by shape (relative position tables as stored, so the window size counts) against an abstract
-    model. SwinV2's parameters do not depend on the window, so its window variants stay ambiguous (``--model``).
+    have a position-bias MLP, ``cpb_mlp``; V2-CR's is ``meta_mlp``), ``embed_dim`` and blocks per stage read from the
+    keys, then compared key by key and shape by shape (relative position tables as stored, so the window size counts)
+    against an abstract model. SwinV2's and V2-CR's parameters do not depend on the window or the image size, so such
+    variants stay ambiguous (``--model``).
     """
     stem = state.get("patch_embed.proj.weight")
     embed_dim = int(stem.shape[0]) if stem is not None else None
     depths = _stage_depths(state)
     head = state.get("head.fc.weight", state.get("head.weight"))
     num_classes = int(head.shape[0]) if head is not None else 0
-    family = "SwinTransformerV2" if any(".cpb_mlp." in k for k in state) else "SwinTransformer"
+    family = "SwinTransformer"
+    if any(".cpb_mlp." in k for k in state):
+        family = "SwinTransformerV2"
+    elif any(".meta_mlp." in k for k in state):
+        family = "SwinTransformerV2Cr"
     matches = []
     for arch in ARCHITECTURES:
         if ARCH_FAMILY[arch] != family:

@@ -5,9 +5,9 @@ persisted buffers) and a strict ``load_state_dict``, into ``timm.create_model(ar
 with the checkpoint config's ``model_args``. Inputs: a real photo (``skimage.data.chelsea()``
 through swin_jax's eval transform) and a seeded random batch of 2.
 
-Swin V1 is compared with timm fp32 at :data:`REL_TOL`. SwinV2 scales cosine logits by up to 100, where fp32 itself
-is not exact: it is compared with timm in float64, and may be as far from it as twice timm fp32's own distance
-(never less than :data:`REL_TOL`), per output.
+Swin V1 is compared with timm fp32 at :data:`REL_TOL`. SwinV2 and V2-CR scale cosine logits by up to 100, where fp32
+itself is not exact: they are compared with timm in float64, and may be as far from it as twice timm fp32's own
+distance (never less than :data:`REL_TOL`), per output.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import numpy as np
 import swin_jax
 from swin_jax import hub
 from swin_jax.models.swin_transformer_v2 import relative_coords_table
+from swin_jax.models.swin_transformer_v2_cr import relative_coordinates_log
 from swin_jax.registry import get_pretrained_cfg
 
 from .sources import Source
@@ -147,9 +148,10 @@ def timm_reference(source: Source, model: swin_jax.SwinTransformer) -> Any:
 def timm_float64(tmodel: Any) -> Any:
     """A float64 copy of a timm model: the reference where fp32 is not exact.
 
-    timm computes SwinV2's ``relative_coords_table`` buffer in float32 whatever the model's dtype; the copy gets the
-    same formula in float64 (swin_jax's, equal to timm's float32 table within one float32 ulp, as the tests check),
-    so it is the exact function that timm's float32 model approximates.
+    timm computes SwinV2's ``relative_coords_table`` and V2-CR's ``relative_coordinates_log`` buffers in float32
+    whatever the model's dtype; the copy gets the same formulas in float64 (swin_jax's, equal to timm's float32
+    tables within one float32 ulp, as the tests check), so it is the exact function that timm's float32 model
+    approximates.
     """
     import copy
 
@@ -160,6 +162,9 @@ def timm_float64(tmodel: Any) -> Any:
         if getattr(module, "relative_coords_table", None) is not None:
             table = relative_coords_table(tuple(module.window_size), tuple(module.pretrained_window_size))
             module.relative_coords_table = torch.from_numpy(np.array(table))[None]
+        if getattr(module, "relative_coordinates_log", None) is not None:
+            table = relative_coordinates_log(tuple(module.window_size))
+            module.relative_coordinates_log = torch.from_numpy(np.array(table))
     return t64
 
 
@@ -207,11 +212,11 @@ def _diff(ours: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
 
 
 def compare(model: swin_jax.SwinTransformer, tmodel: Any, x: np.ndarray) -> Report:
-    """Compare swin_jax and timm on ``x`` (the photo first, then random images); see :class:`Report`. A SwinV2 model
-    is compared with timm in float64, within twice timm fp32's own distance from it (module docstring)."""
+    """Compare swin_jax and timm on ``x`` (the photo first, then random images); see :class:`Report`. A SwinV2 or
+    V2-CR model is compared with timm in float64, within twice timm fp32's own distance from it (module docstring)."""
     ours = jax.tree_util.tree_map(np.asarray, _jax_run(model, x))
     ref32 = _timm_outputs(tmodel, x)
-    cosine = isinstance(model, swin_jax.SwinTransformerV2)
+    cosine = isinstance(model, (swin_jax.SwinTransformerV2, swin_jax.SwinTransformerV2Cr))
     ref = _timm_outputs(timm_float64(tmodel), x.astype(np.float64)) if cosine else ref32
     rows, tolerances = [], []
     for name in ref:

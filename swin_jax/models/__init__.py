@@ -11,10 +11,12 @@ from ._windows import (
 )
 from .swin_transformer import SwinTransformer
 from .swin_transformer_v2 import SwinTransformerV2
+from .swin_transformer_v2_cr import SwinTransformerV2Cr
 
 __all__ = [
     "SwinTransformer",
     "SwinTransformerV2",
+    "SwinTransformerV2Cr",
     "calc_window_shift",
     "feature_take_indices",
     "relative_position_index",

@@ -65,8 +65,21 @@ def trunk_args(arguments: dict[str, Any]) -> dict[str, Any]:
 
 
 class SwinBase(nnx.Module):
-    """Base of the Swin models: NHWC in and out, the stages in ``self.layers`` (each with ``blocks``, each block
-    with ``attn``). Subclasses build themselves with :meth:`_build_trunk`."""
+    """Base of the Swin models: NHWC in and out, the stages in ``self.layers`` (``self.stages`` for SwinV2-CR, as timm
+    names them; :attr:`stage_modules` either way), each with ``blocks``, each block with ``attn``. Subclasses build
+    themselves with :meth:`_build_trunk`."""
+
+    # the attribute holding the stages (timm's name: the parameters' prefix)
+    stages_attr: str = "layers"
+    # floor inputs that are not a multiple of the patch (SwinV2-CR's stem does); others refuse them
+    floor_input_to_patch: bool = False
+    # builds the classifier's fc (None: timm's Swin init, trunc_normal(.02) weight and zero bias)
+    head_linear: Callable[..., nnx.Linear] | None = None
+
+    @property
+    def stage_modules(self) -> nnx.List:
+        """The stages, in order (``self.layers``, or ``self.stages`` for SwinV2-CR)."""
+        return getattr(self, self.stages_attr)
 
     def _build_trunk(
         self,
@@ -91,11 +104,13 @@ class SwinBase(nnx.Module):
         dtype: Any,
         param_dtype: Any,
         attn_impl: str,
+        final_norm: bool = True,
     ) -> None:
         """Set the shared attributes and build patch embedding, stages, final norm and head.
 
         ``make_stage(i, dim=, out_dim=, input_resolution=, depth=, num_heads=, window_size=, drop_path=)`` builds
-        stage ``i`` (stage 0 does not downsample; the others halve the resolution first).
+        stage ``i`` (stage 0 does not downsample; the others halve the resolution first). Without ``final_norm``
+        (SwinV2-CR, whose last block ends with a norm) ``self.norm`` is None.
         """
         depths = tuple(int(d) for d in depths)
         num_heads = tuple(int(h) for h in num_heads)
@@ -127,7 +142,7 @@ class SwinBase(nnx.Module):
         dpr = [rates[sum(depths[:i]) : sum(depths[: i + 1])].tolist() for i in range(num_layers)]
 
         self.feature_info = [
-            dict(num_chs=dims[i], reduction=max(self.patch_size) * 2**i, module=f"layers.{i}")
+            dict(num_chs=dims[i], reduction=max(self.patch_size) * 2**i, module=f"{self.stages_attr}.{i}")
             for i in range(num_layers)
         ]
         if features_only:
@@ -158,13 +173,14 @@ class SwinBase(nnx.Module):
             in_dim = dims[i]
             if i > 0:
                 scale *= 2
-        self.layers = nnx.List(layers)
+        setattr(self, self.stages_attr, nnx.List(layers))
         if features_only:
             self.norm = None
             self.head = None
         else:
-            self.norm = LayerNorm(self.num_features, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-            self.head = ClassifierHead(self.num_features, num_classes, global_pool, drop_rate, **kw)
+            norm = LayerNorm(self.num_features, dtype=dtype, param_dtype=param_dtype, rngs=rngs) if final_norm else None
+            self.norm = norm
+            self.head = ClassifierHead(self.num_features, num_classes, global_pool, drop_rate, self.head_linear, **kw)
         self.head_hidden_size = self.head.num_features if self.head is not None else self.num_features
 
     # ---- input checks (Python, at trace time: shapes are static under jit) ----
@@ -196,7 +212,7 @@ class SwinBase(nnx.Module):
                     f"expected input size {self.img_size[0]}x{self.img_size[1]} (H x W), got {h}x{w}; "
                     f"create the model with img_size=({h}, {w}) or strict_img_size=False"
                 )
-        elif h % self.patch_size[0] or w % self.patch_size[1]:
+        elif (h % self.patch_size[0] or w % self.patch_size[1]) and not self.floor_input_to_patch:
             raise ValueError(
                 f"input size {h}x{w} must be divisible by the patch size {self.patch_size[0]}x{self.patch_size[1]}"
             )
@@ -229,8 +245,8 @@ class SwinBase(nnx.Module):
         """
         output_fmt = check_output_fmt(output_fmt)
         x = self._check_input(x)
-        take, last = feature_take_indices(len(self.layers), indices)
-        stages = self.layers[: last + 1] if stop_early else self.layers
+        take, last = feature_take_indices(len(self.stage_modules), indices)
+        stages = self.stage_modules[: last + 1] if stop_early else self.stage_modules
         num_stages = self.num_layers
         maps = []
         i = 0
@@ -251,9 +267,9 @@ class SwinBase(nnx.Module):
         if self.features_only:
             raise ValueError("a features_only model has no final norm: call it, or use forward_intermediates")
         x = self.patch_embed(self._check_input(x))
-        for stage in self.layers:
+        for stage in self.stage_modules:
             x = stage(x)
-        return self.norm(x)
+        return x if self.norm is None else self.norm(x)
 
     def forward_head(self, x: jax.Array, pre_logits: bool = False) -> jax.Array:
         """Pool (and classify unless ``pre_logits``) the output of :meth:`forward_features`."""
@@ -289,7 +305,14 @@ class SwinBase(nnx.Module):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         drop_rate, deterministic = self.head.drop.rate, self.head.drop.deterministic
         self.head = ClassifierHead(
-            self.num_features, num_classes, pool, drop_rate, dtype=self.dtype, param_dtype=self.param_dtype, rngs=rngs
+            self.num_features,
+            num_classes,
+            pool,
+            drop_rate,
+            self.head_linear,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            rngs=rngs,
         )
         self.head.drop.deterministic = deterministic  # keep the model's train/eval mode
         self.num_classes = num_classes
@@ -300,7 +323,7 @@ class SwinBase(nnx.Module):
         """Switch every block to another attention implementation (:func:`swin_jax.attention_impls`).
         Weights are untouched; the next trace of the model uses it."""
         self.attn_impl = attention.check_attn_impl(attn_impl)
-        for stage in self.layers:
+        for stage in self.stage_modules:
             for block in stage.blocks:
                 block.attn.attn_impl = attn_impl
 
@@ -308,7 +331,7 @@ class SwinBase(nnx.Module):
         """Recompute each block's activations in the backward pass (``nnx.remat``), as timm's method of
         the same name: less memory for training, about one extra forward of compute. The parameter
         tree (and so the timm mapping) is unchanged."""
-        for stage in self.layers:
+        for stage in self.stage_modules:
             stage.grad_checkpointing = enable
 
     def set_input_size(
@@ -339,7 +362,7 @@ class SwinBase(nnx.Module):
                 f"set_input_size(patch_size={patch_size!r}): resampling the patch embedding to a new patch size is "
                 f"not supported; the model's patch size is {self.patch_size}"
             )
-        num_stages = len(self.layers)
+        num_stages = len(self.stage_modules)
         sizes, ratios = resolve_window_args(window_size, window_ratio, num_stages)  # before anything changes
         if img_size is not None:
             self.img_size = to_2tuple(img_size)
@@ -349,7 +372,7 @@ class SwinBase(nnx.Module):
         )
         if sizes is not None or ratios is not None:  # explicit windows become the reference for later resizes
             self.ref_window_sizes, self.ref_grid_size = window_sizes, self.grid_size
-        for index, stage in enumerate(self.layers):
+        for index, stage in enumerate(self.stage_modules):
             scale = 2 ** max(index - 1, 0)
             feat = tuple((g + scale - 1) // scale for g in self.grid_size)
             stage.set_input_size(feat, window_sizes[index], always_partition)

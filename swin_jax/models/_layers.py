@@ -70,8 +70,9 @@ def _trunc_normal_02(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.floa
 
 
 def _torch_conv_default(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
-    """torch Conv2d's default init (kaiming_uniform(a=sqrt(5)) == U(+-1/sqrt(fan_in))), as timm leaves the patch
-    embedding: ``variance_scaling(1/3, 'fan_in', 'uniform')``'s values (HWIO kernel, fan_in = H * W * I)."""
+    """torch Conv2d's and Linear's default init (kaiming_uniform(a=sqrt(5)) == U(+-1/sqrt(fan_in))), as timm leaves the
+    patch embedding: ``variance_scaling(1/3, 'fan_in', 'uniform')``'s values (HWIO or ``[in, out]`` kernel, fan_in =
+    the product of all but the last axis)."""
     variance = jnp.array((1.0 / 3.0) / math.prod(shape[:-1]), dtype)
     return _sample(key, "uniform", shape, dtype, jnp.sqrt(3 * variance))
 
@@ -120,10 +121,10 @@ def _materialize_grad_jvp(primals: tuple[jax.Array], tangents: tuple[jax.Array])
 class LayerNorm(nnx.LayerNorm):
     """``nnx.LayerNorm`` as torch autocast runs LayerNorm: statistics, normalization and the scale and shift
     in float32 (parameters not rounded to a low-precision compute dtype first), output in the compute dtype.
-    Two-pass variance and eps 1e-5, as ``torch.nn.LayerNorm``. Parameters: ``scale``, ``bias``; ``zero_init``
-    starts the scale at 0 (SwinV2's residual post-norms, as timm initializes them)."""
+    Two-pass variance and eps 1e-5, as ``torch.nn.LayerNorm``. Parameters: ``scale``, ``bias``; ``init_scale``
+    is the scale's initial value (0 for SwinV2's residual post-norms, as timm initializes them)."""
 
-    def __init__(self, dim: int, *, zero_init: bool = False, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, dim: int, *, init_scale: float = 1.0, dtype, param_dtype, rngs: nnx.Rngs):
         internal = jnp.float32 if dtype is None else jnp.promote_types(dtype, jnp.float32)
         super().__init__(
             dim,
@@ -131,7 +132,7 @@ class LayerNorm(nnx.LayerNorm):
             use_fast_variance=False,
             dtype=internal,
             param_dtype=param_dtype,
-            scale_init=nnx.initializers.zeros_init() if zero_init else nnx.initializers.ones_init(),
+            scale_init=nnx.initializers.constant(init_scale),
             rngs=rngs,
         )
         self.out_dtype = dtype
@@ -145,6 +146,29 @@ def _linear(din: int, dout: int, *, use_bias: bool = True, dtype, param_dtype, r
     # timm's init for Swin Linear layers: trunc_normal(std=.02) weights, zero bias
     return nnx.Linear(
         din, dout, use_bias=use_bias, kernel_init=_trunc_normal_02, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+    )
+
+
+def _torch_linear_bias(fan_in: int) -> Callable[..., jax.Array]:
+    """torch Linear's default bias init, ``U(+-1/sqrt(fan_in))``."""
+
+    def init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+        return _sample(key, "uniform", shape, dtype, jnp.array(1.0 / math.sqrt(fan_in), dtype))
+
+    return init
+
+
+def _torch_linear(din: int, dout: int, *, use_bias: bool = True, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Linear:
+    """A Linear with torch's default init (weight and bias ``U(+-1/sqrt(fan_in))``), as SwinV2-CR keeps them."""
+    return nnx.Linear(
+        din,
+        dout,
+        use_bias=use_bias,
+        kernel_init=_torch_conv_default,
+        bias_init=_torch_linear_bias(din),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
     )
 
 
@@ -178,18 +202,45 @@ class PatchEmbed(nnx.Module):
         return self.norm(self.proj(x))
 
 
-class Mlp(nnx.Module):
-    """fc1 -> exact (erf) GELU -> dropout -> fc2 -> dropout, as timm's ``Mlp``."""
+_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "relu": jax.nn.relu,
+}
 
-    def __init__(self, dim: int, hidden: int, drop: float = 0.0, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.fc1 = _linear(dim, hidden, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.drop1 = _dropout(drop, rngs)
-        self.fc2 = _linear(hidden, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.drop2 = _dropout(drop, rngs)
+
+class Mlp(nnx.Module):
+    """fc1 -> activation (exact erf GELU by default) -> dropout -> fc2 -> dropout, as timm's ``Mlp``.
+
+    ``drop`` is one rate for both dropouts or a pair ``(after the activation, after fc2)``; ``out_dim`` defaults to
+    ``dim``; ``act`` is ``'gelu'`` (exact) or ``'relu'``; ``linear`` builds the two layers (default :func:`_linear`:
+    timm's Swin init).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        drop: float | tuple[float, float] = 0.0,
+        out_dim: int | None = None,
+        act: str = "gelu",
+        linear: Callable[..., nnx.Linear] | None = None,
+        *,
+        dtype,
+        param_dtype,
+        rngs: nnx.Rngs,
+    ):
+        linear = linear or _linear
+        drop1, drop2 = drop if isinstance(drop, (tuple, list)) else (drop, drop)
+        if act not in _ACTIVATIONS:
+            raise ValueError(f"unknown activation {act!r}; expected one of {tuple(_ACTIVATIONS)}")
+        self.act = act
+        self.fc1 = linear(dim, hidden, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.drop1 = _dropout(drop1, rngs)
+        self.fc2 = linear(hidden, out_dim or dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.drop2 = _dropout(drop2, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = jax.nn.gelu(self.fc1(x), approximate=False)
-        return self.drop2(self.fc2(self.drop1(x)))
+        return self.drop2(self.fc2(self.drop1(_ACTIVATIONS[self.act](self.fc1(x)))))
 
 
 def _call_block(block: nnx.Module, x: jax.Array) -> jax.Array:
@@ -217,7 +268,8 @@ def _check_pool_type(pool_type: str) -> str:
 
 
 class ClassifierHead(nnx.Module):
-    """Global pool (NHWC) -> dropout -> fc, as timm's ``ClassifierHead``; no fc when ``num_classes == 0``."""
+    """Global pool (NHWC) -> dropout -> fc, as timm's ``ClassifierHead``; no fc when ``num_classes == 0``. ``linear``
+    builds the fc (default :func:`_linear`)."""
 
     def __init__(
         self,
@@ -225,17 +277,19 @@ class ClassifierHead(nnx.Module):
         num_classes: int,
         pool_type: str = "avg",
         drop_rate: float = 0.0,
+        linear: Callable[..., nnx.Linear] | None = None,
         *,
         dtype=None,
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
+        linear = linear or _linear
         self.in_features = in_features
         self.global_pool = _check_pool_type(pool_type)
         self.num_features = in_features * (2 if pool_type == "catavgmax" else 1)
         self.drop = _dropout(drop_rate, rngs)
         self.fc = (
-            _linear(self.num_features, num_classes, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            linear(self.num_features, num_classes, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
             if num_classes > 0
             else None
         )
@@ -335,10 +389,10 @@ class SwinStage(nnx.Module):
         window_size: Pair,
         drop_path: Sequence[float] | float,
         make_downsample: Callable[[], nnx.Module],
-        make_block: Callable[[Pair, Pair, float], nnx.Module],
+        make_block: Callable[[int, Pair, Pair, float], nnx.Module],
     ) -> None:
         """Resolutions, the downsample (``make_downsample()``, halving the map) and ``depth`` blocks,
-        ``make_block(output_resolution, shift_size, drop_path)``, alternating regular and half-window-shifted."""
+        ``make_block(index, output_resolution, shift_size, drop_path)``, alternating regular and half-window-shifted."""
         self.input_resolution = to_2tuple(input_resolution)
         self.output_resolution = (
             tuple((i + 1) // 2 for i in self.input_resolution) if downsample else self.input_resolution
@@ -354,7 +408,10 @@ class SwinStage(nnx.Module):
         self.grad_checkpointing = False
         rates = drop_path if isinstance(drop_path, (list, tuple)) else [drop_path] * depth
         self.blocks = nnx.List(
-            [make_block(self.output_resolution, (0, 0) if i % 2 == 0 else shift_size, rates[i]) for i in range(depth)]
+            [
+                make_block(i, self.output_resolution, (0, 0) if i % 2 == 0 else shift_size, rates[i])
+                for i in range(depth)
+            ]
         )
 
     def set_input_size(self, feat_size: Pair, window_size: Pair, always_partition: bool | None = None) -> None:

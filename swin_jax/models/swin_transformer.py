@@ -273,7 +273,7 @@ class SwinTransformerStage(SwinStage):
             window_size,
             drop_path,
             lambda: PatchMerging(dim, out_dim, **kw),
-            lambda resolution, shift, rate: SwinTransformerBlock(
+            lambda _, resolution, shift, rate: SwinTransformerBlock(
                 out_dim,
                 resolution,
                 num_heads,

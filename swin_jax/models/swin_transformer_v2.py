@@ -36,6 +36,7 @@ from ._windows import Pair, relative_position_index, to_2tuple
 
 __all__ = [
     "relative_coords_table",
+    "CosineWindowAttention",
     "WindowAttention",
     "SwinTransformerV2Block",
     "PatchMerging",
@@ -80,8 +81,75 @@ class ReLU(nnx.Module):
         return jax.nn.relu(x)
 
 
-class WindowAttention(nnx.Module):
-    """Window multi-head self attention with cosine similarity and a continuous relative position bias."""
+class CosineWindowAttention(nnx.Module):
+    """Scaled cosine window attention, shared by SwinV2 and SwinV2-CR: ``normalize(q) @ normalize(k)^T`` times a
+    per-head ``exp(min(logit_scale, ln 100))``, plus the family's position bias and the shift mask, softmax, ``@ v``,
+    projection.
+
+    A subclass builds ``qkv``, ``proj``, ``logit_scale`` (one per head, any shape), ``attn_drop``, ``proj_drop``,
+    ``num_heads`` and ``attn_impl``, and defines :meth:`relative_position_bias` (``[heads, N, N]``) and, where the
+    projection is not a plain biased Linear, :meth:`_qkv`.
+    """
+
+    num_heads: int
+    attn_impl: str
+
+    def relative_position_bias(self) -> jax.Array:
+        raise NotImplementedError
+
+    def _qkv(self, x: jax.Array) -> jax.Array:
+        """``[B * nW, N, C]`` -> token-major ``[B * nW, N, 3, heads, d]``."""
+        b_, n, _ = x.shape
+        return self.qkv(x).reshape(b_, n, 3, self.num_heads, -1)
+
+    def _scale(self) -> jax.Array:
+        """``exp(min(logit_scale, ln 100))`` per head, ``[heads]``."""
+        return jnp.exp(jnp.minimum(self.logit_scale[...], LOGIT_SCALE_MAX)).reshape(-1)
+
+    def _softmax(self, qkv: jax.Array, mask: np.ndarray | None) -> jax.Array:
+        """Attention probabilities ``[B * nW, heads, N, N]`` (float32 or wider) from token-major qkv."""
+        n = qkv.shape[1]
+        q = _normalize(qkv[:, :, 0]).transpose(0, 2, 1, 3)
+        k = _normalize(qkv[:, :, 1]).transpose(0, 2, 1, 3)
+        attn = jnp.einsum("bhqd,bhkd->bhqk", q, k)
+        attn = attn * self._scale().astype(attn.dtype)[None, :, None, None]
+        attn = attn + self.relative_position_bias().astype(attn.dtype)[None]
+        if mask is not None:
+            num_win = mask.shape[0]
+            attn = attn.reshape(-1, num_win, self.num_heads, n, n) + jnp.asarray(mask, attn.dtype)[None, :, None]
+            attn = attn.reshape(-1, self.num_heads, n, n)
+        return attention_softmax(attn)
+
+    def attention_weights(self, x: jax.Array, mask: np.ndarray | None = None) -> jax.Array:
+        """The attention probabilities (timm's ``attn.softmax`` output) ``[B * nW, heads, N, N]``, float32 or wider."""
+        return self._softmax(self._qkv(x), mask)
+
+    def __call__(self, x: jax.Array, mask: np.ndarray | None = None) -> jax.Array:
+        """
+        Args:
+            x: window tokens ``[B * nW, N, C]``.
+            mask: additive mask ``[nW, N, N]`` for shifted windows, or None.
+
+        Returns:
+            ``[B * nW, N, C]``.
+        """
+        b_, n, _ = x.shape
+        qkv = self._qkv(x)
+        impl = attention.resolve(self.attn_impl)
+        if impl == "einsum" or (self.attn_drop.rate > 0 and not self.attn_drop.deterministic):
+            attn = self.attn_drop(self._softmax(qkv, mask).astype(qkv.dtype))
+            x = jnp.einsum("bhqk,bkhd->bqhd", attn, qkv[:, :, 2]).reshape(b_, n, -1)
+        else:  # the kernels take q pre-scaled: the per-head logit scale folds into the normalized q
+            q = _normalize(qkv[:, :, 0]) * self._scale().astype(qkv.dtype)[None, None, :, None]
+            k = _normalize(qkv[:, :, 1])
+            bias = self.relative_position_bias()
+            x = attention.window_attention(impl, q, k, qkv[:, :, 2], bias, mask).reshape(b_, n, -1)
+        return self.proj_drop(self.proj(x))
+
+
+class WindowAttention(CosineWindowAttention):
+    """SwinV2's window attention: cosine similarity, a continuous relative position bias from ``cpb_mlp``, q / v
+    biases."""
 
     def __init__(
         self,
@@ -145,10 +213,6 @@ class WindowAttention(nnx.Module):
         bias = jnp.take(table, relative_position_index(*self.window_size).reshape(-1), axis=0).reshape(n, n, -1)
         return 16 * jax.nn.sigmoid(bias.transpose(2, 0, 1))
 
-    def _scale(self) -> jax.Array:
-        """``exp(min(logit_scale, ln 100))`` per head, ``[heads]``."""
-        return jnp.exp(jnp.minimum(self.logit_scale[...], LOGIT_SCALE_MAX)).reshape(-1)
-
     def _qkv(self, x: jax.Array) -> jax.Array:
         """``[B * nW, N, C]`` -> token-major ``[B * nW, N, 3, heads, d]``."""
         b_, n, _ = x.shape
@@ -158,46 +222,6 @@ class WindowAttention(nnx.Module):
             bias = jnp.concatenate([q_bias, jnp.zeros_like(q_bias), self.v_bias[...]]).astype(qkv.dtype)
             qkv = qkv + bias
         return qkv.reshape(b_, n, 3, self.num_heads, -1)
-
-    def _softmax(self, qkv: jax.Array, mask: np.ndarray | None) -> jax.Array:
-        """Attention probabilities ``[B * nW, heads, N, N]`` (float32 or wider) from token-major qkv."""
-        n = qkv.shape[1]
-        q = _normalize(qkv[:, :, 0]).transpose(0, 2, 1, 3)
-        k = _normalize(qkv[:, :, 1]).transpose(0, 2, 1, 3)
-        attn = jnp.einsum("bhqd,bhkd->bhqk", q, k)
-        attn = attn * self._scale().astype(attn.dtype)[None, :, None, None]
-        attn = attn + self.relative_position_bias().astype(attn.dtype)[None]
-        if mask is not None:
-            num_win = mask.shape[0]
-            attn = attn.reshape(-1, num_win, self.num_heads, n, n) + jnp.asarray(mask, attn.dtype)[None, :, None]
-            attn = attn.reshape(-1, self.num_heads, n, n)
-        return attention_softmax(attn)
-
-    def attention_weights(self, x: jax.Array, mask: np.ndarray | None = None) -> jax.Array:
-        """The attention probabilities (timm's ``attn.softmax`` output) ``[B * nW, heads, N, N]``, float32 or wider."""
-        return self._softmax(self._qkv(x), mask)
-
-    def __call__(self, x: jax.Array, mask: np.ndarray | None = None) -> jax.Array:
-        """
-        Args:
-            x: window tokens ``[B * nW, N, C]``.
-            mask: additive mask ``[nW, N, N]`` for shifted windows, or None.
-
-        Returns:
-            ``[B * nW, N, C]``.
-        """
-        b_, n, _ = x.shape
-        qkv = self._qkv(x)
-        impl = attention.resolve(self.attn_impl)
-        if impl == "einsum" or (self.attn_drop.rate > 0 and not self.attn_drop.deterministic):
-            attn = self.attn_drop(self._softmax(qkv, mask).astype(qkv.dtype))
-            x = jnp.einsum("bhqk,bkhd->bqhd", attn, qkv[:, :, 2]).reshape(b_, n, -1)
-        else:  # the kernels take q pre-scaled: the per-head logit scale folds into the normalized q
-            q = _normalize(qkv[:, :, 0]) * self._scale().astype(qkv.dtype)[None, None, :, None]
-            k = _normalize(qkv[:, :, 1])
-            bias = self.relative_position_bias()
-            x = attention.window_attention(impl, q, k, qkv[:, :, 2], bias, mask).reshape(b_, n, -1)
-        return self.proj_drop(self.proj(x))
 
 
 class SwinTransformerV2Block(WindowBlock):
@@ -252,10 +276,10 @@ class SwinTransformerV2Block(WindowBlock):
             attn_impl,
             **kw,
         )
-        self.norm1 = LayerNorm(dim, zero_init=True, **kw)
+        self.norm1 = LayerNorm(dim, init_scale=0.0, **kw)
         self.drop_path1 = _dropout(drop_path, rngs, broadcast_dims=(1, 2, 3))
         self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop, **kw)
-        self.norm2 = LayerNorm(dim, zero_init=True, **kw)
+        self.norm2 = LayerNorm(dim, init_scale=0.0, **kw)
         self.drop_path2 = _dropout(drop_path, rngs, broadcast_dims=(1, 2, 3))
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -318,7 +342,7 @@ class SwinTransformerV2Stage(SwinStage):
             window_size,
             drop_path,
             lambda: PatchMerging(dim, out_dim, **kw),
-            lambda resolution, shift, rate: SwinTransformerV2Block(
+            lambda _, resolution, shift, rate: SwinTransformerV2Block(
                 out_dim,
                 resolution,
                 num_heads,
