@@ -27,12 +27,14 @@ Command line: ``python -m swin_jax finetune --model TAG --train-dir DIR --val-di
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -335,6 +337,110 @@ def finetune(
     Raises:
         FinetuneError (a ValueError): bad data or settings, found before any model is built.
     """
+    plan = _resolve(
+        model=model,
+        train_dir=train_dir,
+        val_dir=val_dir,
+        num_classes=num_classes,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        warmup_epochs=warmup_epochs,
+        label_smoothing=label_smoothing,
+        scale=scale,
+        hflip=hflip,
+        color_jitter=color_jitter,
+        rand_augment=rand_augment,
+        mixup=mixup,
+        cutmix=cutmix,
+        grad_accum_steps=grad_accum_steps,
+        opt_eps=opt_eps,
+        ema_decay=ema_decay,
+        seed=seed,
+        output=output,
+        keep=keep,
+        save_every_steps=save_every_steps,
+        max_steps=max_steps,
+        verify=verify,
+        log_steps=log_steps,
+        progress=progress,
+    )
+    devices, processes, is_main = _start_processes(distributed, batch_size)
+    mgr, start_step, meta = _open_checkpoints(plan, resume, keep)
+    net = _build_model(plan, model, pretrained, img_size, drop_path_rate, model_overrides)
+    train_loader, val_loader = _build_loaders(plan, net, worker_count, processes)
+    optimizer, mesh, ema = _build_optimizer(
+        plan, net, lr, weight_decay, layer_decay, clip_grad_norm, opt_eps, ema_decay, devices
+    )
+    mix = _build_mix(plan, mixup, cutmix)
+    acc = _new_epoch_acc()
+    if meta is not None:
+        acc = _restore(plan, mgr, start_step, meta, net, optimizer, ema, is_main)
+    status, step, last, checkpoint = _train(
+        plan, net, optimizer, ema, mesh, mgr, train_loader, val_loader, mix, start_step, acc, processes, is_main
+    )
+    return _finish(plan, status, step, checkpoint, last, net, ema, is_main)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """The checked settings of a :func:`finetune` run and what follows from them, known before any JAX work."""
+
+    output: Path
+    train_ds: Any
+    val_ds: Any
+    num_classes: int
+    batch_size: int
+    epochs: int
+    seed: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    grad_accum_steps: int
+    label_smoothing: float
+    augment: dict[str, Any]  # the augmentation keywords of create_train_transform
+    run_config: dict[str, Any]  # the settings that must be equal when resuming
+    save_every_steps: int | None
+    max_steps: int | None
+    log_steps: bool
+    progress: bool | None
+
+    @property
+    def ckpt_dir(self) -> Path:
+        """The Orbax checkpoint directory, ``output/checkpoints``."""
+        return self.output / CHECKPOINT_DIR
+
+
+def _resolve(
+    *,
+    model: str,
+    train_dir: Any,
+    val_dir: Any,
+    num_classes: int | None,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    warmup_epochs: int,
+    label_smoothing: float,
+    scale: tuple[float, float],
+    hflip: float,
+    color_jitter: float | None,
+    rand_augment: tuple[int, float] | None,
+    mixup: float,
+    cutmix: float,
+    grad_accum_steps: int,
+    opt_eps: float,
+    ema_decay: float | None,
+    seed: int,
+    output: Any,
+    keep: int,
+    save_every_steps: int | None,
+    max_steps: int | None,
+    verify: bool,
+    log_steps: bool,
+    progress: bool | None,
+) -> _Plan:
+    """Run every check of the settings and the data (no JAX work, nothing written); raises FinetuneError."""
     output = Path(output)
     _check_settings(model, epochs, batch_size, lr, keep, save_every_steps, opt_eps)
     train_ds, val_ds, num_classes = _check_data(train_dir, val_dir, num_classes, batch_size, verify)
@@ -376,6 +482,30 @@ def finetune(
         "mixup": [float(mixup), float(cutmix)],
         "grad_accum_steps": grad_accum_steps,
     }
+    return _Plan(
+        output=output,
+        train_ds=train_ds,
+        val_ds=val_ds,
+        num_classes=num_classes,
+        batch_size=batch_size,
+        epochs=epochs,
+        seed=seed,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        warmup_steps=warmup_steps,
+        grad_accum_steps=grad_accum_steps,
+        label_smoothing=label_smoothing,
+        augment=augment,
+        run_config=run_config,
+        save_every_steps=save_every_steps,
+        max_steps=max_steps,
+        log_steps=log_steps,
+        progress=progress,
+    )
+
+
+def _start_processes(distributed: dict[str, Any] | None, batch_size: int) -> tuple[int, int, bool]:
+    """``(devices, processes, is_main)`` after ``jax.distributed`` is set up (if asked); checks the batch split."""
     import jax
 
     from .distributed import initialize
@@ -391,67 +521,106 @@ def finetune(
             f"batch_size={batch_size} must be divisible by the number of devices ({devices}): each device gets an "
             f"equal share of every batch"
         )
-    ckpt_dir = output / CHECKPOINT_DIR
+    return devices, processes, is_main
+
+
+def _open_checkpoints(plan: _Plan, resume: bool, keep: int) -> tuple[Any, int, dict[str, Any] | None]:
+    """``(manager, start step, meta of the checkpoint to resume from or None)``; creates the output directory.
+
+    Refuses an output that holds checkpoints without ``resume``, and a checkpoint made with other settings.
+    """
+    ckpt_dir = plan.ckpt_dir
     has_checkpoints = ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
     if has_checkpoints and not resume:
         raise FinetuneError(f"{ckpt_dir} already holds checkpoints: pass resume=True (--resume) or another output")
-
-    import jax.numpy as jnp
-    import orbax.checkpoint as ocp
-    from flax import nnx
-
-    from .data import create_transform, resolve_data_config
-    from .datasets import make_eval_loader, make_loader
-    from .distributed import make_mesh, shard_batch, shard_model, to_host
-    from .factory import create_model
-    from .hub import save_pretrained
-    from .train import EMA, TrainStep, create_optimizer, mixup_cutmix
-
-    output.mkdir(parents=True, exist_ok=True)  # every process: the directory may be on a host's own disk
+    plan.output.mkdir(parents=True, exist_ok=True)  # every process: the directory may be on a host's own disk
     mgr = _manager(ckpt_dir, keep)
     start_step, meta = 0, None
     if resume and mgr.latest_step() is not None:
         start_step = int(mgr.latest_step())
         meta = _read_meta(mgr, start_step)
-        differ = {k: (meta["config"].get(k), v) for k, v in run_config.items() if meta["config"].get(k) != v}
+        differ = {k: (meta["config"].get(k), v) for k, v in plan.run_config.items() if meta["config"].get(k) != v}
         if differ:
             details = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in differ.items())
             raise FinetuneError(f"cannot resume from {ckpt_dir / str(start_step)}: settings differ ({details})")
+    return mgr, start_step, meta
 
-    net = create_model(
+
+def _build_model(
+    plan: _Plan, model: str, pretrained: Any, img_size: int | None, drop_path_rate: float, overrides: dict[str, Any]
+):
+    """The model to fine-tune (:func:`swin_jax.create_model`, pretrained or not), initialised from ``plan.seed``."""
+    from flax import nnx
+
+    from .factory import create_model
+
+    return create_model(
         model,
         pretrained=pretrained,
-        num_classes=num_classes,
+        num_classes=plan.num_classes,
         img_size=img_size,
         drop_path_rate=drop_path_rate,
-        rngs=nnx.Rngs(seed),
-        **model_overrides,
+        rngs=nnx.Rngs(plan.seed),
+        **overrides,
     )
+
+
+def _build_loaders(plan: _Plan, net, worker_count: int, processes: int) -> tuple[Any, Any]:
+    """``(train loader, val loader)`` with ``net``'s data config; each process reads its share of every batch."""
+    import jax
+
+    from .data import create_transform, resolve_data_config
+    from .datasets import create_train_transform, make_eval_loader, make_loader
+
     cfg = resolve_data_config(net)
     # global batches; each process reads only its rows of each (the same batches for any process count)
     share = dict(shard_index=jax.process_index(), shard_count=processes)
     train_loader = make_loader(
-        train_ds,
-        transform=create_train_transform(**cfg, **augment),
-        batch_size=batch_size,
+        plan.train_ds,
+        transform=create_train_transform(**cfg, **plan.augment),
+        batch_size=plan.batch_size,
         shuffle=True,
-        seed=seed,
-        num_epochs=epochs,
+        seed=plan.seed,
+        num_epochs=plan.epochs,
         drop_remainder=True,
         worker_count=worker_count,
         **share,
     )
-    val_loader = make_eval_loader(val_ds, transform=create_transform(**cfg), batch_size=batch_size, **share)
+    val_loader = make_eval_loader(plan.val_ds, transform=create_transform(**cfg), batch_size=plan.batch_size, **share)
+    return train_loader, val_loader
+
+
+def _build_optimizer(
+    plan: _Plan,
+    net,
+    lr: float,
+    weight_decay: float,
+    layer_decay: float | None,
+    clip_grad_norm: float | None,
+    opt_eps: float,
+    ema_decay: float | None,
+    devices: int,
+) -> tuple[Any, Any, Any]:
+    """``(optimizer, mesh, ema)`` for ``net``: timm's AdamW and schedule, data parallel placement, the EMA.
+
+    ``net`` and the optimizer are placed over a mesh of every device (``mesh`` is None on one device); ``ema`` is
+    None without ``ema_decay``.
+    """
+    from flax import nnx
+
+    from .distributed import make_mesh, shard_model
+    from .train import EMA, create_optimizer
+
     tx = create_optimizer(
         net,
         lr=lr,
         weight_decay=weight_decay,
         layer_decay=layer_decay,
-        warmup_steps=warmup_steps // grad_accum_steps,
-        total_steps=total_steps // grad_accum_steps,
+        warmup_steps=plan.warmup_steps // plan.grad_accum_steps,
+        total_steps=plan.total_steps // plan.grad_accum_steps,
         clip_grad_norm=clip_grad_norm,
         eps=opt_eps,
-        grad_accum_steps=grad_accum_steps,
+        grad_accum_steps=plan.grad_accum_steps,
     )
     optimizer = nnx.Optimizer(net, tx, wrt=nnx.Param)
     # data parallel over every device (a no-op placement on one): XLA all-reduces the gradients
@@ -460,47 +629,107 @@ def finetune(
         shard_model(net, mesh)
         shard_model(optimizer, mesh)
     ema = EMA(net, decay=ema_decay) if ema_decay is not None else None
+    return optimizer, mesh, ema
+
+
+def _build_mix(plan: _Plan, mixup: float, cutmix: float) -> Callable[[Any, Any, int], tuple[Any, Any, Any]] | None:
+    """``mix(images, targets, step) -> (images, targets, lam)``, or None when Mixup and CutMix are both off.
+
+    The jitted :func:`swin_jax.train.mixup_cutmix` of the batch of ``step``, its random draw from ``plan.seed`` and
+    ``step`` alone (so a resumed run mixes exactly as an uninterrupted one).
+    """
+    if not (mixup > 0 or cutmix > 0):
+        return None
+    import jax
+
+    from .train import mixup_cutmix
+
     # its own stream: nnx.Rngs(seed) draws fold_in(key(seed), 0, 1, ...) for the initializers and drop path
-    mix, mix_key = None, jax.random.fold_in(jax.random.key(seed), _MIX_STREAM)
-    if mixup > 0 or cutmix > 0:
-        mix = jax.jit(
-            functools.partial(
-                mixup_cutmix,
-                alpha_mixup=mixup,
-                alpha_cutmix=cutmix,
-                num_classes=num_classes,
-                label_smoothing=label_smoothing,
-            )
+    mix_key = jax.random.fold_in(jax.random.key(plan.seed), _MIX_STREAM)
+    mix_batch = jax.jit(
+        functools.partial(
+            mixup_cutmix,
+            alpha_mixup=mixup,
+            alpha_cutmix=cutmix,
+            num_classes=plan.num_classes,
+            label_smoothing=plan.label_smoothing,
         )
+    )
 
-    acc = {"loss_sum": 0.0, "top1": 0.0, "top5": 0.0, "n": 0, "steps": 0}  # the current epoch's train stats
-    if meta is not None:
-        targets = {"model": _flat(nnx.state(net)), "opt": _flat(nnx.state(optimizer))}
-        if ema is not None:
-            targets["ema"] = _flat(ema.params)
-        restored = mgr.restore(
-            start_step, args=ocp.args.Composite(**{k: ocp.args.StandardRestore(v) for k, v in targets.items()})
-        )
-        nnx.update(net, _unflat(nnx.state(net), dict(restored["model"])))
-        nnx.update(optimizer, _unflat(nnx.state(optimizer), dict(restored["opt"])))
-        if ema is not None:
-            ema.params = _unflat(ema.params, dict(restored["ema"]))
-        acc = dict(meta["epoch_acc"])
-        if is_main:
-            print(f"resuming from {ckpt_dir / str(start_step)} (step {start_step} of {total_steps})", flush=True)
+    def mix(images: Any, targets: Any, step: int) -> tuple[Any, Any, Any]:
+        return mix_batch(images, targets, jax.random.fold_in(mix_key, step))
 
-    def save(step: int) -> Path:
-        if mgr.latest_step() != step:
-            items = {
-                "model": ocp.args.StandardSave(_flat(nnx.state(net))),
-                "opt": ocp.args.StandardSave(_flat(nnx.state(optimizer))),
-                "meta": ocp.args.JsonSave({"step": step, "loader_step": step, "config": run_config, "epoch_acc": acc}),
-            }
-            if ema is not None:
-                items["ema"] = ocp.args.StandardSave(_flat(ema.params))
-            mgr.save(step, args=ocp.args.Composite(**items))
-            mgr.wait_until_finished()
-        return ckpt_dir.resolve() / str(step)
+    return mix
+
+
+def _new_epoch_acc() -> dict[str, Any]:
+    """Empty train stats of an epoch (summed over its steps; kept in the checkpoints)."""
+    return {"loss_sum": 0.0, "top1": 0.0, "top5": 0.0, "n": 0, "steps": 0}
+
+
+def _restore(plan: _Plan, mgr, step: int, meta: dict[str, Any], net, optimizer, ema, is_main: bool) -> dict[str, Any]:
+    """Load checkpoint ``step`` into ``net``, ``optimizer`` and ``ema`` (in place); returns its epoch's train stats."""
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    targets = {"model": _flat(nnx.state(net)), "opt": _flat(nnx.state(optimizer))}
+    if ema is not None:
+        targets["ema"] = _flat(ema.params)
+    restored = mgr.restore(
+        step, args=ocp.args.Composite(**{k: ocp.args.StandardRestore(v) for k, v in targets.items()})
+    )
+    nnx.update(net, _unflat(nnx.state(net), dict(restored["model"])))
+    nnx.update(optimizer, _unflat(nnx.state(optimizer), dict(restored["opt"])))
+    if ema is not None:
+        ema.params = _unflat(ema.params, dict(restored["ema"]))
+    acc = dict(meta["epoch_acc"])
+    if is_main:
+        print(f"resuming from {plan.ckpt_dir / str(step)} (step {step} of {plan.total_steps})", flush=True)
+    return acc
+
+
+def _save(plan: _Plan, mgr, step: int, net, optimizer, ema, acc: dict[str, Any]) -> Path:
+    """Checkpoint ``step`` (unless it is the latest already: all processes together); returns its path."""
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    if mgr.latest_step() != step:
+        items = {
+            "model": ocp.args.StandardSave(_flat(nnx.state(net))),
+            "opt": ocp.args.StandardSave(_flat(nnx.state(optimizer))),
+            "meta": ocp.args.JsonSave({"step": step, "loader_step": step, "config": plan.run_config, "epoch_acc": acc}),
+        }
+        if ema is not None:
+            items["ema"] = ocp.args.StandardSave(_flat(ema.params))
+        mgr.save(step, args=ocp.args.Composite(**items))
+        mgr.wait_until_finished()
+    return plan.ckpt_dir.resolve() / str(step)
+
+
+def _train(
+    plan: _Plan,
+    net,
+    optimizer,
+    ema,
+    mesh,
+    mgr,
+    train_loader,
+    val_loader,
+    mix,
+    start_step: int,
+    acc: dict[str, Any],
+    processes: int,
+    is_main: bool,
+) -> tuple[str, int, dict[str, Any], Path]:
+    """The step loop from ``start_step``: ``(status, step, last epoch's metrics or {}, path of the last checkpoint)``.
+
+    Evaluates at each epoch end (:func:`_end_epoch`), checkpoints every ``save_every_steps`` (default: each epoch
+    end) and when it stops (the end, ``max_steps``, SIGTERM, which it catches meanwhile); closes ``mgr``.
+    """
+    import jax.numpy as jnp
+
+    from .distributed import shard_batch, to_host
+    from .train import TrainStep
 
     stop = threading.Event()
     previous_handler = None
@@ -508,11 +737,12 @@ def finetune(
     if in_main_thread:
         previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     bar = None
-    if is_main and (progress or (progress is None and sys.stderr.isatty())):
+    if is_main and (plan.progress or (plan.progress is None and sys.stderr.isatty())):
         from tqdm import tqdm
 
-        bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+        bar = tqdm(total=plan.total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
+    steps_per_epoch, max_steps, save_every_steps = plan.steps_per_epoch, plan.max_steps, plan.save_every_steps
     step = start_step
     status = "completed"
     last: dict[str, Any] = {}
@@ -524,21 +754,21 @@ def finetune(
         train_step = TrainStep(
             net,
             optimizer,
-            num_classes=num_classes,
-            label_smoothing=label_smoothing,
+            num_classes=plan.num_classes,
+            label_smoothing=plan.label_smoothing,
             ema=ema,
-            ema_every=grad_accum_steps,
+            ema_every=plan.grad_accum_steps,
         )
         if stop.is_set():
             status = "interrupted"
-        elif max_steps is not None and step >= max_steps and step < total_steps:
+        elif max_steps is not None and step >= max_steps and step < plan.total_steps:
             status = "stopped"
         else:
             for batch in train_loader.iter_from(step):
                 arrays = (batch["image"], batch["label"])
                 images, targets = shard_batch(arrays, mesh) if mesh is not None else tuple(map(jnp.asarray, arrays))
                 if mix is not None:
-                    images, targets, _ = mix(images, targets, jax.random.fold_in(mix_key, step))
+                    images, targets, _ = mix(images, targets, step)
                 out = train_step((images, targets))
                 step += 1
                 out = to_host(out)
@@ -547,21 +777,21 @@ def finetune(
                 acc["loss_sum"] += loss
                 acc["top1"] += float(out["top1"])
                 acc["top5"] += float(out["top5"])
-                acc["n"] += batch_size
+                acc["n"] += plan.batch_size
                 acc["steps"] += 1
-                if log_steps and is_main:
-                    _append_jsonl(output / STEPS_FILE, {"step": step, "epoch": epoch, "loss": loss})
+                if plan.log_steps and is_main:
+                    _append_jsonl(plan.output / STEPS_FILE, {"step": step, "epoch": epoch, "loss": loss})
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
                     bar.update(1)
                 if step % steps_per_epoch == 0:
                     train_step.sync()
-                    last = _end_epoch(net, ema, val_loader, mesh, acc, epoch, step, output if is_main else None)
-                    acc = {"loss_sum": 0.0, "top1": 0.0, "top5": 0.0, "n": 0, "steps": 0}
+                    last = _end_epoch(net, ema, val_loader, mesh, acc, epoch, step, plan.output if is_main else None)
+                    acc = _new_epoch_acc()
                     net.train()
                 periodic = save_every_steps is None and step % steps_per_epoch == 0
                 periodic |= save_every_steps is not None and step % save_every_steps == 0
-                if step >= total_steps:
+                if step >= plan.total_steps:
                     break
                 if _any_process(stop.is_set(), processes):
                     status = "interrupted"
@@ -571,20 +801,28 @@ def finetune(
                     break
                 if periodic:
                     train_step.sync()
-                    checkpoint = save(step)
+                    checkpoint = _save(plan, mgr, step, net, optimizer, ema, acc)
             train_step.sync()
-        checkpoint = save(step)
+        checkpoint = _save(plan, mgr, step, net, optimizer, ema, acc)
     finally:
         if bar is not None:
             bar.close()
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous_handler)
         mgr.close()
+    return status, step, last, checkpoint
+
+
+def _finish(
+    plan: _Plan, status: str, step: int, checkpoint: Path, last: dict[str, Any], net, ema, is_main: bool
+) -> dict[str, Any]:
+    """:func:`finetune`'s result; when completed, the final (and EMA) weights are saved, else the stop is printed."""
+    from .hub import save_pretrained
 
     result: dict[str, Any] = {
         "status": status,
         "step": step,
-        "epoch": step / steps_per_epoch,
+        "epoch": step / plan.steps_per_epoch,
         "checkpoint": str(checkpoint),
         **last,
     }
@@ -595,9 +833,9 @@ def finetune(
             finals[EMA_MODEL_DIR] = _host_model(_ema_model(net, ema))
         for name, host_net in finals.items():
             key = "model_dir" if name == MODEL_DIR else "ema_model_dir"
-            result[key] = str((output / name).expanduser().resolve())
+            result[key] = str((plan.output / name).expanduser().resolve())
             if is_main:
-                save_pretrained(host_net, output / name, fmt="flax", force=True)
+                save_pretrained(host_net, plan.output / name, fmt="flax", force=True)
     elif status == "interrupted":
         print(f"stopped by SIGTERM at step {step}; checkpoint {checkpoint}; continue with resume=True", flush=True)
     else:
