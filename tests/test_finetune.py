@@ -22,6 +22,7 @@ pytestmark = pytest.mark.xdist_group("test_finetune")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ("chelsea", "astronaut", "coffee", "rocket")
 ARCH = "swin_tiny_patch4_window7_224"
+CR = "swinv2_cr_tiny_224"
 TINY = {"embed_dim": 16, "depths": (1, 1), "num_heads": (1, 2), "window_size": 4}
 COMMON = dict(model=ARCH, img_size=32, epochs=2, batch_size=4, lr=1e-3, seed=3, **TINY)
 
@@ -210,9 +211,9 @@ def test_metrics_and_final_weights(data, full_run):
     assert 100.0 * float(m["top5"]) / len(val) == pytest.approx(records[-1]["top5"])
 
 
-def _cli(data, out, *extra):
+def _cli(data, out, *extra, arch=ARCH):
     return [
-        sys.executable, "-m", "swin_jax", "finetune", "--model", ARCH, "--train-dir", str(data[0]),
+        sys.executable, "-m", "swin_jax", "finetune", "--model", arch, "--train-dir", str(data[0]),
         "--val-dir", str(data[1]), "--img-size", "32", "--epochs", "3", "--batch-size", "4", "--lr", "1e-3",
         "--output", str(out), "--model-args", json.dumps(TINY), *extra,
     ]  # fmt: skip
@@ -223,9 +224,10 @@ def _env():
 
 
 def test_sigterm_saves_and_resume_completes(data, tmp_path):
+    """On SwinV2-CR (any family fine-tunes; the other tests use V1): SIGTERM saves, --resume completes."""
     out = tmp_path / "out"
     proc = subprocess.Popen(
-        _cli(data, out), cwd=REPO_ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        _cli(data, out, arch=CR), cwd=REPO_ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
         deadline = time.monotonic() + 60
@@ -244,11 +246,13 @@ def test_sigterm_saves_and_resume_completes(data, tmp_path):
     assert (out / "checkpoints" / str(result["step"])).is_dir()
     assert not (out / "model").exists()
 
-    done = subprocess.run(_cli(data, out, "--resume"), cwd=REPO_ROOT, env=_env(), capture_output=True, text=True)
+    done = subprocess.run(
+        _cli(data, out, "--resume", arch=CR), cwd=REPO_ROOT, env=_env(), capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
     final = json.loads(done.stdout.strip().splitlines()[-1])
     assert final["status"] == "completed" and final["step"] == 6
-    assert (out / "model" / "config.json").is_file()
+    assert json.loads((out / "model" / "config.json").read_text())["architecture"] == CR
     assert sorted(_step_losses(out)) == list(range(1, 7))
 
 

@@ -19,7 +19,7 @@ import timm
 import timm.data
 import torch
 from hub_cache import hub_env
-from parity import jax_from_timm, timm_model
+from parity import jax_from_timm, small_logit_scales_, timm_model
 from PIL import Image
 
 from swin_jax.cli import main
@@ -118,6 +118,19 @@ def test_predict_matches_timm(converted, photos):
         _assert_topk(report[str(path)], p, names, 3)
     # the sharpened head makes the check meaningful: the top class is far above chance
     assert max(p for p, _ in report[str(photos[0])]) > 0.05
+
+
+def test_predict_swinv2_cr_matches_timm(photos, tmp_path, capsys):
+    """Another family through the command: SwinV2-CR (cosine attention, as SwinV2), at its tag's input size and crop
+    (logit scales at most e: fp32 is then exact enough for the probabilities' 1e-4)."""
+    name, kw = "swinv2_cr_small_ns_224", dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2))
+    tm = _sharpen_head_(small_logit_scales_(timm_model(name, **kw)))
+    ckpt = save_pretrained(jax_from_timm(tm, name, **kw), tmp_path / "ckpt")
+    assert main(["predict", *map(str, photos), "--model", name, "--weights", str(ckpt), "--top-k", "2"]) == 0
+    report = _parse(capsys.readouterr().out)
+    names = imagenet_class_names(1000)
+    for path, p in zip(photos, _timm_probs(tm, photos)):
+        _assert_topk(report[str(path)], p, names, 2)
 
 
 def test_predict_unknown_class_count_and_top_k_bound(tmp_path, photos, capsys):

@@ -319,24 +319,25 @@ class WindowBlock(nnx.Module):
 
     def _set_geometry(self, input_resolution: Pair, window_size: Pair, shift_size: Pair, always_partition: bool):
         """Record the block's targets and set its (clipped) window and shift, as timm's ``_calc_window_shift``."""
-        self.input_resolution = to_2tuple(input_resolution)
         self.target_shift_size = to_2tuple(shift_size)
         self.always_partition = always_partition
+        self._place(input_resolution, window_size, self.target_shift_size)
+
+    def _place(self, feat_size: Pair, window_size: Pair, shift_size: Pair) -> None:
+        """The feature size, and the window and shift clipped to it (unless ``always_partition``)."""
+        self.input_resolution = to_2tuple(feat_size)
         self.window_size, self.shift_size = calc_window_shift(
-            self.input_resolution, to_2tuple(window_size), self.target_shift_size, always_partition
+            self.input_resolution, to_2tuple(window_size), to_2tuple(shift_size), self.always_partition
         )
 
     def set_input_size(self, feat_size: Pair, window_size: Pair, always_partition: bool | None = None) -> None:
         """A new feature size and target window, as timm's block method: a shifted block shifts by half the new
         window; the window and shift are clipped again; the attention follows the new window."""
-        self.input_resolution = to_2tuple(feat_size)
         if always_partition is not None:
             self.always_partition = always_partition
         window_size = to_2tuple(window_size)
         shift = (window_size[0] // 2, window_size[1] // 2) if any(self.target_shift_size) else self.target_shift_size
-        self.window_size, self.shift_size = calc_window_shift(
-            self.input_resolution, window_size, shift, self.always_partition
-        )
+        self._place(feat_size, window_size, shift)
         self.attn.set_window_size(self.window_size)
 
     def _attn_input(self, x: jax.Array) -> jax.Array:
