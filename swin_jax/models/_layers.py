@@ -30,6 +30,7 @@ __all__ = [
     "SwinStage",
     "materialize_grad",
     "attention_softmax",
+    "merge_2x2",
 ]
 
 LN_EPS = 1e-5  # torch.nn.LayerNorm default, used by every timm Swin norm
@@ -241,6 +242,17 @@ class Mlp(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.drop2(self.fc2(self.drop1(_ACTIVATIONS[self.act](self.fc1(x)))))
+
+
+def merge_2x2(x: jax.Array) -> jax.Array:
+    """PatchMerging's gather: ``[B, H, W, C]`` -> ``[B, ceil(H/2), ceil(W/2), 4C]``, odd sizes zero-padded bottom/right,
+    each 2x2 neighbourhood's channels in timm's order (``reshape(B, H/2, 2, W/2, 2, C).permute(0, 1, 3, 4, 2, 5)``:
+    blocks h0w0, h1w0, h0w1, h1w1)."""
+    b, h, w, c = x.shape
+    if h % 2 or w % 2:
+        x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
+        h, w = h + h % 2, w + w % 2
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 4, 2, 5).reshape(b, h // 2, w // 2, 4 * c)
 
 
 def _call_block(block: nnx.Module, x: jax.Array) -> jax.Array:

@@ -36,6 +36,7 @@ from ._layers import (
     _trunc_normal_02,
     attention_softmax,
     materialize_grad,
+    merge_2x2,
 )
 from ._windows import Pair, relative_position_index, to_2tuple
 
@@ -229,13 +230,7 @@ class PatchMerging(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``[B, H, W, C]`` -> ``[B, ceil(H/2), ceil(W/2), out_dim]`` (odd sizes zero-padded bottom/right)."""
-        b, h, w, c = x.shape
-        if h % 2 or w % 2:
-            x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
-            h, w = h + h % 2, w + w % 2
-        # timm: reshape(B, H/2, 2, W/2, 2, C).permute(0, 1, 3, 4, 2, 5): channel blocks (h0w0, h1w0, h0w1, h1w1)
-        x = x.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 4, 2, 5).reshape(b, h // 2, w // 2, 4 * c)
-        return self.reduction(self.norm(x))
+        return self.reduction(self.norm(merge_2x2(x)))
 
 
 class SwinTransformerStage(SwinStage):

@@ -31,7 +31,17 @@ from flax import nnx
 
 from .. import attention
 from ._base import SwinBase, trunk_args
-from ._layers import LayerNorm, Mlp, SwinStage, WindowBlock, _dropout, _linear, attention_softmax, materialize_grad
+from ._layers import (
+    LayerNorm,
+    Mlp,
+    SwinStage,
+    WindowBlock,
+    _dropout,
+    _linear,
+    attention_softmax,
+    materialize_grad,
+    merge_2x2,
+)
 from ._windows import Pair, relative_position_index, to_2tuple
 
 __all__ = [
@@ -299,12 +309,7 @@ class PatchMerging(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``[B, H, W, C]`` -> ``[B, ceil(H/2), ceil(W/2), out_dim]`` (odd sizes zero-padded bottom/right)."""
-        b, h, w, c = x.shape
-        if h % 2 or w % 2:
-            x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
-            h, w = h + h % 2, w + w % 2
-        x = x.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 4, 2, 5).reshape(b, h // 2, w // 2, 4 * c)
-        return self.norm(self.reduction(x))
+        return self.norm(self.reduction(merge_2x2(x)))
 
 
 class SwinTransformerV2Stage(SwinStage):

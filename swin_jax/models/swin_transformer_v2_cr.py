@@ -34,7 +34,7 @@ from flax import nnx
 
 from .. import attention
 from ._base import SwinBase, trunk_args
-from ._layers import LayerNorm, Mlp, SwinStage, WindowBlock, _dropout, _torch_linear, materialize_grad
+from ._layers import LayerNorm, Mlp, SwinStage, WindowBlock, _dropout, _torch_linear, materialize_grad, merge_2x2
 from ._windows import Pair, calc_stage_window_sizes, resolve_window_args, to_2tuple
 from .swin_transformer_v2 import CosineWindowAttention
 
@@ -193,12 +193,7 @@ class PatchMerging(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``[B, H, W, C]`` -> ``[B, ceil(H/2), ceil(W/2), 2C]`` (odd sizes zero-padded bottom/right)."""
-        b, h, w, c = x.shape
-        if h % 2 or w % 2:
-            x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
-            h, w = h + h % 2, w + w % 2
-        x = x.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 4, 2, 5).reshape(b, h // 2, w // 2, 4 * c)
-        return self.reduction(self.norm(x))
+        return self.reduction(self.norm(merge_2x2(x)))
 
 
 class SwinTransformerV2CrStage(SwinStage):
