@@ -22,11 +22,17 @@ sys.path.insert(0, str(NOTEBOOKS))
 
 import nbsetup  # noqa: E402
 
-# what CI runs: random weights, and the Hub switched off so nothing can touch the network
+# what CI runs: random weights, and the Hub switched off so nothing can touch the network.
+# One thread for torch (OpenMP) and numpy (OpenBLAS) in the kernel: the suite runs one xdist worker per core, and
+# their spinning thread pools, sharing the cores with the other worker, ran ~10x slower than one thread (measured
+# on a 2-core CPU: timm SwinV2-T forward 4.1 s -> 0.4 s, the SVDs of notebook 02's PCA 28 s -> 0.2 s). Results
+# are unchanged up to float summation order; XLA's thread pool does not suffer from it and is left alone.
 CI_ENV = {
     nbsetup.WEIGHTS_ENV: "random",
     "HF_HUB_OFFLINE": "1",
     "MPLBACKEND": "module://matplotlib_inline.backend_inline",
+    "OMP_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
 }
 CELL_TIMEOUT_S = 300
 
