@@ -154,10 +154,17 @@ def test_pretrained_cfg_matches_timm(name):
     ours = jax_pretrained_cfg(name)
     for key in CFG_KEYS:
         assert _plain(ours[key]) == _plain(ref[key]), key
-    # and the model created under that name carries it, with the tag's classes (built abstractly: cheap)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["swin_base_patch4_window7_224.ms_in22k", "swinv2_base_window12_192.ms_in22k", "swinv2_cr_small_ns_224.sw_in1k"],
+)
+def test_model_carries_its_pretrained_cfg(name):
+    """The model created under a tag carries the tag's config and classes (one tag per family, built abstractly)."""
     model = nnx.eval_shape(lambda: swin_jax.create_model(name, **SMALL))
-    assert {k: model.pretrained_cfg[k] for k in CFG_KEYS} == {k: ours[k] for k in CFG_KEYS}
-    assert model.num_classes == ref["num_classes"]
+    assert {k: model.pretrained_cfg[k] for k in CFG_KEYS} == {k: jax_pretrained_cfg(name)[k] for k in CFG_KEYS}
+    assert model.num_classes == get_pretrained_cfg(name).to_dict()["num_classes"]
 
 
 @pytest.mark.parametrize("arch", TIMM_ARCHS)

@@ -15,8 +15,18 @@ import pytest
 import timm
 import timm.optim
 import torch
+from flax import nnx
 from hub_cache import export_timm
-from parity import assert_grads_float64, assert_parity_float64, images, jax_from_timm, timm_model, to_nchw
+from parity import (
+    assert_grads_float64,
+    assert_parity,
+    assert_parity_float64,
+    images,
+    jax_from_timm,
+    small_logit_scales_,
+    timm_model,
+    to_nchw,
+)
 
 import swin_jax
 from swin_jax.hub import CheckpointError
@@ -42,6 +52,11 @@ def _geometry(model) -> list[list[tuple]]:
     ]
 
 
+def _abstract(name: str, **kwargs):
+    """The model with abstract parameters: its geometry without an init."""
+    return nnx.eval_shape(lambda: swin_jax.create_model(name, **kwargs))
+
+
 def _pair(name: str = NAME, **kwargs):
     kw = {**SMALL, **kwargs}
     tm = timm_model(name, **kw)
@@ -62,14 +77,10 @@ VARIANTS = {
         dict(img_size=64, window_size=None, window_ratio=4, extra_norm_period=0, strict_img_size=False),
         (1, 70, 50, 3),
     ),
-    # the real _ns architecture's geometry at 224 (windows 7 from the ratio 8, the last 7x7 stage one unshifted
-    # window, norm3 closing every stage), shallow and narrow
-    "small_ns_224_geometry": (
-        "swinv2_cr_small_ns_224",
-        dict(img_size=224, window_size=None, depths=(1, 2, 2, 2), num_heads=(1, 2, 2, 4), embed_dim=16),
-        (1, 224, 224, 3),
-    ),
 }
+# the real _ns architecture's geometry at 224 (windows 7 from the ratio 8, the last 7x7 stage one unshifted window,
+# norm3 closing every stage), shallow and narrow: test_architecture_geometry_and_parity
+ARCH_NS = ("swinv2_cr_small_ns_224", dict(img_size=224, window_size=None, depths=(1, 2, 2, 2), num_heads=(1, 2, 2, 4)))
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -82,22 +93,33 @@ def test_parity_against_float64(variant):
 
 
 def test_variants_hit_their_cases():
-    geo = _geometry(swin_jax.create_model(NAME, **SMALL))
+    geo = _geometry(_abstract(NAME, **SMALL))
     assert geo == [
         [((5, 5), (0, 0), False), ((5, 5), (2, 2), True)],
         [((5, 5), (0, 0), False), ((5, 5), (2, 2), True), ((5, 5), (0, 0), True)],
     ]
     name, kwargs, _ = VARIANTS["window_ratio_dynamic_floored"]
-    model = swin_jax.create_model(name, **{**SMALL, **kwargs})
+    model = _abstract(name, **{**SMALL, **kwargs})
     assert _geometry(model)[0] == [((4, 4), (0, 0), False), ((4, 4), (2, 2), False)]
-    name, kwargs, _ = VARIANTS["small_ns_224_geometry"]
-    geo = _geometry(swin_jax.create_model(name, **{**SMALL, **kwargs}))
+    name, kwargs = ARCH_NS
+    geo = _geometry(_abstract(name, **{**SMALL, **kwargs, "embed_dim": 16}))
     assert [stage[-1] for stage in geo] == [((7, 7), (0, 0), True)] + [((7, 7), (3, 3), True)] * 2 + [
         ((7, 7), (0, 0), True)
     ]
     tm = timm_model(NAME, **SMALL)
     scales = torch.cat([p.flatten() for n, p in tm.named_parameters() if n.endswith("logit_scale")])
     assert (scales < np.log(100)).any() and (scales > np.log(100)).any()  # both sides of the clamp
+
+
+def test_architecture_geometry_and_parity():
+    """The real ``_ns`` geometry at 224 against timm (fp32 directly: logit scales at most e make fp32 exact enough;
+    the float64 tests above cover the large scales)."""
+    name, kwargs = ARCH_NS
+    kw = {**SMALL, **kwargs, "embed_dim": 16}
+    tm = small_logit_scales_(timm_model(name, **kw))
+    model = jax_from_timm(tm, name, **kw)
+    assert _geometry(model) == _geometry(tm) and model.window_sizes == ((7, 7),) * 4
+    assert_parity(model, tm, images((1, 224, 224, 3), seed=6))
 
 
 @pytest.mark.parametrize("window", [(1, 1), (5, 5), (7, 7), (12, 12), (3, 8)])
