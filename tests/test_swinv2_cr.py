@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import timm
 import timm.optim
@@ -23,6 +24,7 @@ from parity import (
     assert_parity_float64,
     images,
     jax_from_timm,
+    rel_err,
     small_logit_scales_,
     timm_model,
     to_nchw,
@@ -273,3 +275,51 @@ def test_registry_models_and_untrained_tags():
         swin_jax.create_model("swinv2_cr_base_384", pretrained=True)
     with pytest.raises(TypeError, match=r"SwinTransformerV2Cr overrides are: .*extra_norm_period"):
         swin_jax.create_model(NAME, pretrained_window_sizes=(8, 8, 8, 8))
+
+
+def test_attention_weights_are_timms_softmax():
+    """Each block's ``attention_weights`` equal timm's softmax output (the input of its ``attn_drop``)."""
+    tm, model, _ = _pair()
+    inputs, probs, hooks = {}, {}, []
+    for i, stage in enumerate(tm.stages):
+        for j, block in enumerate(stage.blocks):
+            hooks.append(block.register_forward_pre_hook(lambda m, a, key=(i, j): inputs.__setitem__(key, a[0])))
+            hooks.append(
+                block.attn.attn_drop.register_forward_hook(lambda m, a, o, key=(i, j): probs.__setitem__(key, a[0]))
+            )
+    with torch.no_grad():
+        tm(to_nchw(images((1, 64, 48, 3), seed=5)))
+    for h in hooks:
+        h.remove()
+    assert len(probs) == 5
+    for (i, j), ref in probs.items():
+        x = inputs[(i, j)].numpy()  # timm's blocks take NHWC
+        ours = model.stages[i].blocks[j].attention_weights(jnp.asarray(x))
+        # peaked rows (logits up to 100 apart): compare the probabilities themselves, absolutely
+        np.testing.assert_allclose(np.asarray(ours).reshape(ref.shape), ref.numpy(), atol=2e-5, err_msg=f"{i}.{j}")
+
+
+def test_bfloat16_compute_and_gradient_checkpointing():
+    """bf16 compute is as far from fp32 as timm's bf16 autocast is (x100 cosine logits magnify bf16's rounding of the
+    normalized q and k: 0.119 and 0.119 relative on these weights); remat leaves the loss and every gradient
+    unchanged."""
+    tm, model, _ = _pair()
+    x, y = jnp.asarray(images((2, 64, 48, 3), seed=8)), jnp.array([0, 5])
+    ref = jax.jit(lambda m, x: m(x))(model, x)
+    bf16 = jax_from_timm(tm, NAME, dtype=jnp.bfloat16, **SMALL)
+    out = jax.jit(lambda m, x: m(x))(bf16, x)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        timm_bf16 = tm(to_nchw(np.asarray(x))).float().numpy()
+    assert out.dtype == jnp.bfloat16
+    assert rel_err(out, ref) <= 2 * rel_err(timm_bf16, ref), (rel_err(out, ref), rel_err(timm_bf16, ref))
+
+    def loss_fn(m):
+        return optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+
+    grad = nnx.jit(nnx.value_and_grad(loss_fn))
+    loss, grads = grad(model)
+    model.set_grad_checkpointing(True)
+    loss_r, grads_r = grad(model)
+    assert float(loss_r) == pytest.approx(float(loss), rel=1e-6)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_r)):
+        assert rel_err(b, a) <= 1e-5
