@@ -394,7 +394,7 @@ def filter_timm_checkpoint(state_dict: Mapping[str, Any], model: nnx.Module) -> 
         if match and value.ndim == 2:
             stage, block = int(match.group(1)), int(match.group(2))
             attn = None
-            stages = model.stage_modules if model.stages_attr == "layers" else []
+            stages = model.stage_modules
             if stage < len(stages) and block < len(stages[stage].blocks):
                 attn = stages[stage].blocks[block].attn
             if getattr(attn, "relative_position_bias_table", None) is not None:  # a V1 table for a V1 model
