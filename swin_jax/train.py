@@ -359,6 +359,13 @@ def _pure_step(
     return fn
 
 
+def _committed(leaves: list[Any]) -> list[Any]:
+    """``leaves`` committed to the devices they are on (no copy). A freshly initialized model's arrays are
+    uncommitted and a restored checkpoint's are committed; jit lowers the two differently, so without this a
+    resumed run compiles a different program than a fresh one (and neither reuses the other's cached one)."""
+    return [jax.device_put(x, x.sharding) if isinstance(x, jax.Array) and not x.committed else x for x in leaves]
+
+
 class TrainStep:
     """The fast training step: one jitted pure function over the flat state, buffers donated.
 
@@ -407,9 +414,11 @@ class TrainStep:
         self.model, self.optimizer, self.ema = model, optimizer, ema
         graphdef, state = nnx.split((model, optimizer))
         self._leaves, self._treedef = jax.tree_util.tree_flatten(state)
+        self._leaves = _committed(self._leaves)
         self._ema_leaves, self._ema_treedef = (None, None)
         if ema is not None:
             self._ema_leaves, self._ema_treedef = jax.tree_util.tree_flatten(ema.params)
+            self._ema_leaves = _committed(self._ema_leaves)
         self._fn = _pure_step(
             graphdef,
             self._treedef,

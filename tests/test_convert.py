@@ -172,9 +172,8 @@ def test_hub_name_with_tag_from_offline_cache(tmp_path):
     home = tmp_path / "hf_home"
     add_to_hf_cache(home, f"timm/{ARCH}.ms_in22k", tmp_path / "export")
     out = tmp_path / "flax"
-    proc = run_cli("timm-to-flax", f"{ARCH}.ms_in22k", out, "--verify", env=hub_env(home))
-    assert_ok(proc)
-    assert "PASS" in proc.stdout
+    # (no --verify: test_timm_hub_dir_to_flax_verified covers it; the logits are compared with timm's below)
+    assert_ok(run_cli("timm-to-flax", f"{ARCH}.ms_in22k", out, env=hub_env(home)))
     config = json.loads((out / "config.json").read_text())
     assert config["num_classes"] == 21841 and config["pretrained_cfg"]["tag"] == "ms_in22k"
     model = swin_jax.create_model(ARCH, pretrained=str(out))
@@ -188,15 +187,14 @@ def test_hub_name_with_tag_from_offline_cache(tmp_path):
     assert ours.keys() == again.keys() and all(np.array_equal(ours[k], again[k]) for k in ours)
 
 
-def test_microsoft_checkpoint_inferred_and_verified(ms_pth, narrow_model, work):
+def test_microsoft_checkpoint_inferred_and_exact(ms_pth, narrow_model, work):
     sd = torch.load(ms_pth, weights_only=True)["model"]
     assert "layers.0.downsample.reduction.weight" in sd and "layers.3.downsample.reduction.weight" not in sd
     assert "head.weight" in sd and "layers.0.blocks.1.attn_mask" in sd
     assert "layers.0.blocks.0.attn.relative_position_index" in sd
     out = work / "from_ms"
-    proc = run_cli("timm-to-flax", ms_pth, out, "--model-args", NARROW_ARGS, "--verify")  # no --model: inferred
-    assert_ok(proc)
-    assert "PASS" in proc.stdout
+    # no --model: inferred. No --verify (covered above): the logits are compared with the original timm model's
+    assert_ok(run_cli("timm-to-flax", ms_pth, out, "--model-args", NARROW_ARGS))
     config = json.loads((out / "config.json").read_text())
     assert config["architecture"] == ARCH and config["num_classes"] == 7
     model = swin_jax.create_model(ARCH, pretrained=str(out))

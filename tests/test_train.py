@@ -236,7 +236,7 @@ def test_bf16_compute_trains_with_fp32_master_weights():
         step = [train_step(model, optimizer, batch, label_smoothing=0.1, num_classes=10) for _ in range(6)]
         losses[name] = [float(m["loss"]) for m in step]
         assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))
-        assert model(batch[0]).dtype == (jnp.bfloat16 if name == "bf16" else jnp.float32)
+        assert nnx.eval_shape(lambda m: m(batch[0]), model).dtype == (jnp.bfloat16 if name == "bf16" else jnp.float32)
     assert losses["bf16"][-1] < 0.9 * losses["bf16"][0], losses
     np.testing.assert_allclose(losses["bf16"], losses["fp32"], rtol=5e-2)
 
