@@ -370,6 +370,23 @@ def test_fast_train_step_equals_train_step_with_ema_and_accumulation():
     assert moved > 0  # the EMA did fold the trained parameters in
 
 
+def test_fast_train_step_is_one_program_for_fresh_and_restored_state():
+    """A fresh model's arrays are uncommitted, a restored checkpoint's committed; jit lowers the two differently.
+    TrainStep commits its state, so a resumed run runs (and finds in the compilation cache) the fresh run's
+    program."""
+    batch = _tiny_batch()
+
+    def lowered(commit: bool) -> str:
+        model = _tiny()
+        if commit:  # as orbax restores them
+            nnx.update(model, jax.tree.map(lambda a: jax.device_put(a, a.sharding), nnx.state(model)))
+        optimizer = nnx.Optimizer(model, create_optimizer(model, lr=1e-3, total_steps=10), wrt=nnx.Param)
+        step = TrainStep(model, optimizer, num_classes=10)
+        return step._fn.lower(step._leaves, step._ema_leaves, batch).as_text()
+
+    assert lowered(commit=False) == lowered(commit=True)
+
+
 def test_fast_train_step_rejects_bad_settings():
     model = _tiny()
     optimizer = nnx.Optimizer(model, create_optimizer(model, lr=1e-3, total_steps=10), wrt=nnx.Param)
