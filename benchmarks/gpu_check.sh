@@ -11,7 +11,8 @@
 #      torch.compile, then timm + torch.compile with fused attention (TIMM_FUSED_ATTN=2);
 #   3. inference, bf16, batch 256: swin-jax (traced) against the two timm torch.compile rows, with the
 #      bf16 matmul peak measured in the same run;
-#   4. parity of every attention implementation on the GPU (fp32 at 'highest' and bf16, a small Swin);
+#   4. parity of every attention implementation on the GPU (fp32 at 'highest' and bf16, a small Swin), then
+#      SwinV2-T and SwinV2-CR-T against timm float64 (fp32 at 'highest' and at jax's default precision);
 #   5. inference, bf16, each attention implementation (xla, cudnn, pallas) at batch 256, then 64 and 1;
 #   6. the same bf16 training step with the per-block backward cut forced on (SWIN_JAX_BACKWARD_CUT=always:
 #      does the fusion problem it fixes on the CPU exist on the GPU?);
@@ -43,6 +44,10 @@ bench --profile --batches ${INFER_BATCH:-256} --train-batch 0 --out "$out/infer-
     jax-bf16 timm-compile-bf16-fused timm-compile-bf16
 [ "$(left)" -gt 60 ] && timeout "$(left)" python benchmarks/gpu_parity.py --model swin_tiny_patch4_window7_224 \
     --batch 4 --attn-impls auto xla cudnn pallas --out "$out/parity-attn.json"
+for pair in v2:swinv2_tiny_window8_256 v2cr:swinv2_cr_tiny_ns_224; do
+    [ "$(left)" -gt 60 ] && timeout "$(left)" python benchmarks/gpu_parity.py --model "${pair#*:}" --batch 4 \
+        --out "$out/parity-${pair%%:*}.json"
+done
 bench --no-peak --batches ${INFER_BATCH:-256} ${SMALL_BATCHES:-64 1} --train-batch 0 --out "$out/infer-attn.json" \
     --variants jax-bf16@xla jax-bf16@cudnn jax-bf16@pallas
 bench --no-peak --profile --train-batch ${TRAIN_BATCH:-64} --out "$out/train-bf16-cut.json" --variants \

@@ -79,6 +79,12 @@ JOBS: dict[str, tuple[str, Any, dict[str, Any], str]] = {
     "uncached": (UNCACHED, True, {}, ""),
 }
 
+# Jobs checked by their loaded weights (bit-exact against timm's) and geometry instead of a forward pass: each
+# would compile another program, and the forward of these architectures and geometries is checked against
+# timm's in tests/test_model.py. The others (the cache's own tag, local paths, SwinV2 with its pre-training
+# windows, which no weight or geometry shows, and SwinV2-CR) compare logits.
+WEIGHTS_ONLY = ("t22k", "b384", "s3", "custom", "w8_dir")
+
 # Runs with HF_HOME = the test cache and HF_HUB_OFFLINE=1; torch / timm imports raise (and are recorded).
 CHILD = r"""
 import importlib.abc
@@ -116,8 +122,10 @@ for key, job in spec.items():
     except Exception as e:
         results[key] = {"error": type(e).__name__, "message": str(e)}
         continue
-    x = np.load(work / f"{job['input']}.npy")
-    np.save(work / f"{key}.logits.npy", np.asarray(forward(model, x)))
+    if job["logits"]:
+        np.save(work / f"{key}.logits.npy", np.asarray(forward(model, np.load(work / f"{job['input']}.npy"))))
+    else:
+        np.savez(work / f"{key}.weights.npz", **swin_jax.to_timm_state_dict(model))
     results[key] = {
         "num_classes": model.num_classes,
         "pretrained_cfg": model.pretrained_cfg,
@@ -222,6 +230,7 @@ def hub_run(exports, flax_dir, inputs, tmp_path_factory) -> tuple[dict[str, Any]
             pretrained=pretrained.format(**paths) if isinstance(pretrained, str) else pretrained,
             kwargs=kwargs,
             input=EXPORTS[ref][4] if ref else "x224",
+            logits=key not in WEIGHTS_ONLY,
         )
         for key, (name, pretrained, kwargs, ref) in JOBS.items()
     }
@@ -246,15 +255,21 @@ LOADED = [k for k in JOBS if k != "uncached"]
 
 
 @pytest.mark.parametrize("key", LOADED)
-def test_pretrained_logits_match_timm(hub_run, exports, inputs, key):
+def test_pretrained_weights_or_logits_match_timm(hub_run, exports, inputs, key):
     results, work = hub_run
     assert "error" not in results[key], results[key]
     ref_key = JOBS[key][3]
     tm = exports[ref_key][0]
+    assert results[key]["num_classes"] == tm.num_classes
+    if key in WEIGHTS_ONLY:
+        ours, ref = dict(np.load(work / f"{key}.weights.npz")), _params(tm.state_dict())
+        assert sorted(ours) == sorted(ref)
+        for k in ref:
+            np.testing.assert_array_equal(ours[k], ref[k], err_msg=f"{key}: {k}")
+        return
     x = inputs[EXPORTS[ref_key][4]]
     ours = np.load(work / f"{key}.logits.npy")
     assert ours.shape == (x.shape[0], tm.num_classes)
-    assert results[key]["num_classes"] == tm.num_classes
     assert_close(ours, _timm_logits(tm, x), what=f"{key} logits")
 
 
@@ -276,7 +291,7 @@ def test_in22k_tag_has_21841_classes(hub_run):
     results, work = hub_run
     assert results["t22k"]["num_classes"] == 21841
     assert results["t22k"]["pretrained_cfg"]["num_classes"] == 21841
-    assert np.load(work / "t22k.logits.npy").shape == (2, 21841)
+    assert np.load(work / "t22k.weights.npz")["head.fc.weight"].shape[0] == 21841
 
 
 def test_384_tag_small_model_args_and_window12_geometry(hub_run, exports):
@@ -305,8 +320,8 @@ def test_s3_geometry(hub_run, exports):
 
 def test_swinv2_loads_with_its_pretrained_windows(hub_run, exports):
     """A SwinV2 tag through the cache: the window 16 geometry at 256 and the data config of the tag (256, crop 0.9);
-    its logits match timm's (test_pretrained_logits_match_timm), so the bias MLP's coordinates were normalized by
-    the pre-training windows (12, 12, 12, 6) as timm's."""
+    its logits match timm's (test_pretrained_weights_or_logits_match_timm), so the bias MLP's coordinates were
+    normalized by the pre-training windows (12, 12, 12, 6) as timm's."""
     results, _ = hub_run
     assert results["v2"]["geometry"] == _block_geometry(exports["v2"][0])
     assert results["v2"]["geometry"][0][1] == [[16, 16], [8, 8]]
@@ -316,7 +331,7 @@ def test_swinv2_loads_with_its_pretrained_windows(hub_run, exports):
 
 def test_swinv2_cr_loads_with_its_ratio_windows(hub_run, exports):
     """A SwinV2-CR tag through the cache: windows 7 from window_ratio 8 at 224 (the last 7x7 stage one unshifted
-    window); its logits match timm's (test_pretrained_logits_match_timm)."""
+    window); its logits match timm's (test_pretrained_weights_or_logits_match_timm)."""
     results, _ = hub_run
     assert results["cr"]["geometry"] == _block_geometry(exports["cr"][0])
     assert results["cr"]["geometry"][3] == [[[7, 7], [0, 0]]] * 2
