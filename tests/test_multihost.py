@@ -1,7 +1,7 @@
 """Multi-process fine-tuning with real processes on one machine: 2 processes x 2 simulated CPU devices (gloo
-collectives over 127.0.0.1, ``python -m swin_jax finetune --coordinator ... --num-processes 2 --process-id I``)
-train exactly as 1 process x 4 devices; a SIGKILLed process stops the other within the heartbeat timeout,
-and ``--resume`` on both continues from the last checkpoint."""
+collectives over 127.0.0.1, ``python -m swin_jax finetune --coordinator ... --num-processes 2 --process-id I``);
+a SIGKILLed process stops the other within the heartbeat timeout, ``--resume`` on both continues from the last
+checkpoint, and the run (before the kill and after the resume) trains exactly as 1 process x 4 devices."""
 
 from __future__ import annotations
 
@@ -146,22 +146,6 @@ def _weights_problems(run: Path, ref: Path) -> list[str]:
     return problems
 
 
-def test_two_processes_train_as_one_process_with_four_devices(data, one_process, tmp_path):
-    out = tmp_path / "two"
-    results = _finish(_launch(data, out, 2))
-    _assert_completed(results)
-    ref, got = _step_losses(one_process), _step_losses(out)
-    assert sorted(got) == list(range(1, EPOCHS * STEPS_PER_EPOCH + 1))
-    np.testing.assert_allclose([got[s] for s in sorted(ref)], [ref[s] for s in sorted(ref)], rtol=FP32_REL_TOL)
-    assert _weights_problems(out, one_process) == []
-    # written once, by process 0: one line per step and per epoch, one final model
-    assert len(_read_jsonl(out / "steps.jsonl")) == EPOCHS * STEPS_PER_EPOCH
-    assert [r["epoch"] for r in _read_jsonl(out / "metrics.jsonl")] == list(range(1, EPOCHS + 1))
-    ref_val = [r["val_loss"] for r in _read_jsonl(one_process / "metrics.jsonl")]
-    np.testing.assert_allclose([r["val_loss"] for r in _read_jsonl(out / "metrics.jsonl")], ref_val, rtol=1e-5)
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "metrics.jsonl", "model", "steps.jsonl"]
-
-
 def test_killed_process_stops_the_others_and_resume_continues(data, one_process, tmp_path):
     out = tmp_path / "killed"
     procs = _launch(data, out, 2)  # a checkpoint at every epoch end (2 steps)
@@ -183,11 +167,22 @@ def test_killed_process_stops_the_others_and_resume_continues(data, one_process,
     done = max(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
     assert 2 <= done < EPOCHS * STEPS_PER_EPOCH
     assert not (out / "model").exists()
+    logged = {f: len(_read_jsonl(out / f)) for f in ("steps.jsonl", "metrics.jsonl")}
 
     results = _finish(_launch(data, out, 2, "--resume"))
     _assert_completed(results)
     assert f"resuming from {out / 'checkpoints'}/" in results[0][1]
+    # 2 processes x 2 devices (steps 1..done before the kill, the rest resumed) train as 1 process x 4 devices
     ref, got = _step_losses(one_process), _step_losses(out)
-    assert sorted(got) == sorted(ref)
+    assert sorted(got) == sorted(ref) == list(range(1, EPOCHS * STEPS_PER_EPOCH + 1))
     np.testing.assert_allclose([got[s] for s in sorted(ref)], [ref[s] for s in sorted(ref)], rtol=FP32_REL_TOL)
     assert _weights_problems(out, one_process) == []
+    # the resumed run logs once (process 0 alone): each remaining step and epoch one line
+    resumed_steps = _read_jsonl(out / "steps.jsonl")[logged["steps.jsonl"] :]
+    assert [r["step"] for r in resumed_steps] == list(range(done + 1, EPOCHS * STEPS_PER_EPOCH + 1))
+    resumed_epochs = _read_jsonl(out / "metrics.jsonl")[logged["metrics.jsonl"] :]
+    assert [r["epoch"] for r in resumed_epochs] == list(range(done // STEPS_PER_EPOCH + 1, EPOCHS + 1))
+    ref_val = {r["epoch"]: r["val_loss"] for r in _read_jsonl(one_process / "metrics.jsonl")}
+    for r in resumed_epochs:
+        assert r["val_loss"] == pytest.approx(ref_val[r["epoch"]], rel=1e-5)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "metrics.jsonl", "model", "steps.jsonl"]
