@@ -32,6 +32,7 @@ from parity import (
 
 import swin_jax
 from swin_jax.hub import CheckpointError
+from swin_jax.models._layers import SwinStage
 from swin_jax.models.swin_transformer_v2_cr import relative_coordinates_log
 from swin_jax.registry import ARCHITECTURES
 from swin_jax.train import param_groups
@@ -301,8 +302,9 @@ def test_attention_weights_are_timms_softmax():
 
 def test_bfloat16_compute_and_gradient_checkpointing():
     """bf16 compute is as far from fp32 as timm's bf16 autocast is (x100 cosine logits magnify bf16's rounding of the
-    normalized q and k: 0.119 and 0.119 relative on these weights); remat leaves the loss and every gradient
-    unchanged."""
+    normalized q and k: 0.119 and 0.119 relative on these weights). Gradient checkpointing puts every V2-CR block
+    under remat: the stages are the shared SwinStage, whose remat leaves loss and gradients unchanged
+    (tests/test_distributed.py checks that numerically on V1)."""
     tm, model, _ = _pair()
     x, y = jnp.asarray(images((2, 64, 48, 3), seed=8)), jnp.array([0, 5])
     ref = jax.jit(lambda m, x: m(x))(model, x)
@@ -316,10 +318,11 @@ def test_bfloat16_compute_and_gradient_checkpointing():
     def loss_fn(m):
         return optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
 
-    grad = nnx.jit(nnx.value_and_grad(loss_fn))
-    loss, grads = grad(model)
+    def jaxpr() -> str:
+        graphdef = nnx.graphdef(model)
+        return str(jax.make_jaxpr(lambda s: nnx.value_and_grad(loss_fn)(nnx.merge(graphdef, s)))(nnx.state(model)))
+
+    assert all(isinstance(stage, SwinStage) for stage in model.stages)
+    assert "remat" not in jaxpr()
     model.set_grad_checkpointing(True)
-    loss_r, grads_r = grad(model)
-    assert float(loss_r) == pytest.approx(float(loss), rel=1e-6)
-    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_r)):
-        assert rel_err(b, a) <= 1e-5
+    assert "remat" in jaxpr()
