@@ -43,6 +43,7 @@ __all__ = [
     "timm_name",
     "filter_timm_checkpoint",
     "resize_rel_pos_bias_table",
+    "resample_patch_embed",
     "adapt_input_conv",
 ]
 
@@ -334,6 +335,60 @@ def resize_rel_pos_bias_table(
     )
     den = ((dyl + dyr) * (dxl + dxr))[..., None]
     return (num / den).reshape(-1, num_heads).astype(table.dtype)
+
+
+def _bicubic_aa_weights(in_size: int, out_size: int) -> np.ndarray:
+    """``[out_size, in_size]``: torch's ``F.interpolate(mode='bicubic', antialias=True, align_corners=False)`` along
+    one axis (its separable antialiased kernel: Keys' cubic with a = -0.5, widened by the scale when shrinking,
+    each row normalized to sum 1; ATen's ``_compute_weights_aa``), in float32 as torch computes it."""
+    scale = np.float32(in_size / out_size)
+    support = np.float32(2.0 * scale if scale >= 1.0 else 2.0)
+    invscale = np.float32(1.0 / scale if scale >= 1.0 else 1.0)
+
+    def cubic(x: np.ndarray) -> np.ndarray:
+        a = np.float32(-0.5)
+        x = np.abs(x)
+        near = ((a + 2) * x - (a + 3)) * x * x + 1
+        far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+        return np.where(x < 1, near, np.where(x < 2, far, np.float32(0))).astype(np.float32)
+
+    out = np.zeros((out_size, in_size), np.float32)
+    for i in range(out_size):
+        center = scale * np.float32(i + 0.5)
+        lo = max(int(center - support + np.float32(0.5)), 0)
+        hi = min(int(center + support + np.float32(0.5)), in_size)
+        w = cubic((np.arange(lo, hi, dtype=np.float32) - center + np.float32(0.5)) * invscale)
+        total = w.sum(dtype=np.float32)
+        out[i, lo:hi] = w / total if total != 0 else w
+    return out
+
+
+def resample_patch_embed(weight: np.ndarray, new_size: tuple[int, int]) -> np.ndarray:
+    """A patch embedding conv weight (OIHW) for a new patch size, as timm's ``resample_patch_embed`` (FlexiViT): the
+    pseudo-inverse of the bicubic antialiased resize of each basis patch, so that an image resized with the patch
+    gives the same embedding. Float32, as timm.
+
+    Args:
+        weight: ``[out, in, h, w]``.
+        new_size: the new patch ``(h', w')``.
+
+    Returns:
+        ``[out, in, h', w']`` in ``weight``'s dtype.
+    """
+    weight = _to_numpy(weight)
+    old = tuple(weight.shape[-2:])
+    new = (int(new_size[0]), int(new_size[1]))
+    if old == new:
+        return weight
+    # row (y', x') of the resize of basis patch (y, x): the product of the two axes' weights
+    resize = np.kron(_bicubic_aa_weights(old[0], new[0]), _bicubic_aa_weights(old[1], new[1]))  # [h'w', hw]
+    # singular values below float32 eps x max(shape) of the largest are dropped, as torch.linalg.pinv does on
+    # timm's float32 matrix (a resize that shrinks one axis and grows the other is singular)
+    cutoff = np.finfo(np.float32).eps * max(resize.shape)
+    pinv = np.linalg.pinv(resize.astype(np.float64), rcond=cutoff).astype(np.float32)  # [hw, h'w']
+    c_out, c_in = weight.shape[:2]
+    out = weight.reshape(c_out, c_in, -1).astype(np.float32) @ pinv
+    return out.reshape(c_out, c_in, *new).astype(weight.dtype)
 
 
 def adapt_input_conv(in_chans: int, conv_weight: np.ndarray) -> np.ndarray:

@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from .. import attention
+from ..weights import resample_patch_embed
 from ._layers import ClassifierHead, LayerNorm, PatchEmbed, _check_pool_type
 from ._windows import (
     Pair,
@@ -334,6 +335,18 @@ class SwinBase(nnx.Module):
         for stage in self.stage_modules:
             stage.grad_checkpointing = enable
 
+    def _resample_patch_embed(self, patch: tuple[int, int]) -> None:
+        """The stem for patch size ``patch``: timm's resampled kernel (OIHW <-> our HWIO), stride = kernel."""
+        conv = self.patch_embed.proj
+        kernel = np.asarray(conv.kernel[...])
+        resampled = resample_patch_embed(kernel.transpose(3, 2, 0, 1), patch).transpose(2, 3, 1, 0)
+        conv.kernel = nnx.Param(jnp.asarray(resampled, kernel.dtype))
+        conv.kernel_size = conv.strides = patch
+        conv.kernel_shape = resampled.shape
+        self.patch_embed.patch_size = self.patch_size = patch
+        for i, info in enumerate(self.feature_info):
+            info["reduction"] = max(patch) * 2**i
+
     def set_input_size(
         self,
         img_size: int | Pair | None = None,
@@ -351,21 +364,22 @@ class SwinBase(nnx.Module):
 
         Args:
             img_size: new input size ``H`` or ``(H, W)``; the current one if None.
-            patch_size: only the current patch size (timm resamples the stem for a new one; not supported here).
+            patch_size: a new patch size ``P`` or ``(Ph, Pw)``: the patch embedding's kernel is resampled as timm's
+                ``resample_patch_embed`` does (:func:`swin_jax.weights.resample_patch_embed`).
             window_size: an int or ``(h, w)`` for every stage, or one per stage; overrides ``window_ratio``.
             window_ratio: divisor of the new patch grid (before stage downsampling), one for all stages or one per
                 stage (a sequence of two is two stages).
             always_partition: always partition and shift, even where a window covers the map; unchanged if None.
         """
-        if patch_size is not None and to_2tuple(patch_size) != self.patch_size:
-            raise NotImplementedError(
-                f"set_input_size(patch_size={patch_size!r}): resampling the patch embedding to a new patch size is "
-                f"not supported; the model's patch size is {self.patch_size}"
-            )
         num_stages = len(self.stage_modules)
         sizes, ratios = resolve_window_args(window_size, window_ratio, num_stages)  # before anything changes
-        if img_size is not None:
-            self.img_size = to_2tuple(img_size)
+        new_patch = None if patch_size is None else tuple(int(p) for p in to_2tuple(patch_size))
+        if new_patch is not None and (len(new_patch) != 2 or min(new_patch) < 1):
+            raise ValueError(f"patch_size must be a positive int or (h, w), got {patch_size!r}")
+        if new_patch is not None and new_patch != self.patch_size:
+            self._resample_patch_embed(new_patch)
+        if img_size is not None or new_patch is not None:
+            self.img_size = to_2tuple(img_size) if img_size is not None else self.img_size
             self.grid_size = tuple(s // p for s, p in zip(self.img_size, self.patch_size))
         window_sizes = calc_stage_window_sizes(
             self.grid_size, self.ref_window_sizes[:num_stages], self.ref_grid_size, sizes, ratios
@@ -379,6 +393,8 @@ class SwinBase(nnx.Module):
         self.window_sizes = window_sizes
         args = dict(getattr(self, "model_args", None) or {})
         args.update(img_size=self.img_size, window_size=window_sizes)
+        if new_patch is not None:
+            args["patch_size"] = self.patch_size
         if always_partition is not None:
             args["always_partition"] = always_partition
         self.model_args = args
