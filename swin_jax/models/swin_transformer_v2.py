@@ -119,9 +119,10 @@ class CosineWindowAttention(nnx.Module):
     def _softmax(self, qkv: jax.Array, mask: np.ndarray | None) -> jax.Array:
         """Attention probabilities ``[B * nW, heads, N, N]`` (float32 or wider) from token-major qkv."""
         n = qkv.shape[1]
-        q = _normalize(qkv[:, :, 0]).transpose(0, 2, 1, 3)
-        k = _normalize(qkv[:, :, 1]).transpose(0, 2, 1, 3)
-        attn = jnp.einsum("bhqd,bhkd->bhqk", q, k)
+        # token-major q and k straight into the contraction (head-major copies first were slower on the CPU:
+        # BENCHMARKS.md, SwinV2-CR inference on CPU)
+        q, k = _normalize(qkv[:, :, 0]), _normalize(qkv[:, :, 1])
+        attn = jnp.einsum("bqhd,bkhd->bhqk", q, k)
         attn = attn * self._scale().astype(attn.dtype)[None, :, None, None]
         attn = attn + self.relative_position_bias().astype(attn.dtype)[None]
         if mask is not None:
