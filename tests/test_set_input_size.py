@@ -101,13 +101,15 @@ def test_set_input_size_at_the_current_size_changes_nothing():
     "call, error, match",
     [
         (dict(patch_size=0), ValueError, "patch_size must be a positive int"),
+        (dict(patch_size=128), ValueError, r"patch size \(128, 128\) is larger than the input size \(96, 160\)"),
         (dict(window_size=(4, 4, 4, 4)), ValueError, "expected 3 stage window sizes"),
         (dict(window_ratio=(2, 0, 2)), ValueError, "window ratios must be positive"),
     ],
 )
 def test_bad_arguments_change_nothing(call, error, match):
     model = swin_jax.create_model(V1, **SMALL)
-    before = (_geometry(model), model.img_size)
+    before = (_geometry(model), model.img_size, model.patch_size, swin_jax.to_timm_state_dict(model))
     with pytest.raises(error, match=match):
         model.set_input_size(img_size=(96, 160), **call)
-    assert (_geometry(model), model.img_size) == before
+    after = (_geometry(model), model.img_size, model.patch_size, swin_jax.to_timm_state_dict(model))
+    assert after[:3] == before[:3] and all(np.array_equal(after[3][k], v) for k, v in before[3].items())

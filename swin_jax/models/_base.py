@@ -376,10 +376,13 @@ class SwinBase(nnx.Module):
         new_patch = None if patch_size is None else tuple(int(p) for p in to_2tuple(patch_size))
         if new_patch is not None and (len(new_patch) != 2 or min(new_patch) < 1):
             raise ValueError(f"patch_size must be a positive int or (h, w), got {patch_size!r}")
+        new_img = self.img_size if img_size is None else to_2tuple(img_size)
+        if any(s < p for s, p in zip(new_img, new_patch or self.patch_size)):
+            raise ValueError(f"patch size {new_patch or self.patch_size} is larger than the input size {new_img}")
         if new_patch is not None and new_patch != self.patch_size:
             self._resample_patch_embed(new_patch)
         if img_size is not None or new_patch is not None:
-            self.img_size = to_2tuple(img_size) if img_size is not None else self.img_size
+            self.img_size = new_img
             self.grid_size = tuple(s // p for s, p in zip(self.img_size, self.patch_size))
         window_sizes = calc_stage_window_sizes(
             self.grid_size, self.ref_window_sizes[:num_stages], self.ref_grid_size, sizes, ratios
