@@ -108,6 +108,33 @@ def assert_close(ours: Any, ref: Any, tol: float = FP32_REL_TOL, what: str = "ou
     return err
 
 
+def timm_attention_probs(
+    tmodel: torch.nn.Module, x: np.ndarray
+) -> tuple[dict[tuple[int, int], np.ndarray], dict[tuple[int, int], np.ndarray]]:
+    """Run timm on NHWC ``x`` and capture, per block ``(stage, block)``, the block's input (NHWC) and its attention
+    probabilities: the output of ``attn.softmax`` (V1, V2; V1 on its explicit, unfused path) or, where the softmax
+    is not a module (V2-CR), the input of ``attn.attn_drop``."""
+    inputs, probs, hooks = {}, {}, []
+    for i, stage in enumerate(getattr(tmodel, "layers", None) or tmodel.stages):
+        for j, block in enumerate(stage.blocks):
+            key = (i, j)
+            if hasattr(block.attn, "fused_attn"):
+                block.attn.fused_attn = False  # timm's explicit softmax path (same math as the fused one)
+            hooks.append(block.register_forward_pre_hook(lambda m, a, key=key: inputs.__setitem__(key, a[0])))
+            if hasattr(block.attn, "softmax"):
+                hook = block.attn.softmax.register_forward_hook(lambda m, a, o, key=key: probs.__setitem__(key, o))
+            else:
+                hook = block.attn.attn_drop.register_forward_hook(lambda m, a, o, key=key: probs.__setitem__(key, a[0]))
+            hooks.append(hook)
+    try:
+        with torch.no_grad():
+            tmodel(to_nchw(x))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: v.numpy() for k, v in inputs.items()}, {k: v.numpy() for k, v in probs.items()}
+
+
 def timm_outputs(tmodel: torch.nn.Module, x: np.ndarray) -> dict[str, Any]:
     """timm's logits, forward_features, stage maps (NHWC) and pre-logits for NHWC input ``x``."""
     with torch.no_grad():

@@ -19,6 +19,7 @@ from parity import (
     images,
     jax_from_timm,
     rel_err,
+    timm_attention_probs,
     timm_model,
     to_nchw,
 )
@@ -339,26 +340,14 @@ def test_attention_weights_are_timms_softmax(variant):
     kw = {**SMALL, **({"img_size": (96, 160)} if variant == "padded_clipped_window" else {})}
     tm = timm_model(TINY, **kw)
     model = jax_from_timm(tm, TINY, **kw)
-    inputs, probs, hooks = {}, {}, []
-    for i, stage in enumerate(tm.layers):
-        for j, block in enumerate(stage.blocks):
-            block.attn.fused_attn = False  # timm's explicit softmax path (same math as the fused one)
-            hooks.append(block.register_forward_pre_hook(lambda m, a, key=(i, j): inputs.__setitem__(key, a[0])))
-            hooks.append(
-                block.attn.softmax.register_forward_hook(lambda m, a, o, key=(i, j): probs.__setitem__(key, o))
-            )
-    x = images((2, *model.img_size, 3), seed=3)
-    with torch.no_grad():
-        tm(to_nchw(x))
-    for h in hooks:
-        h.remove()
+    inputs, probs = timm_attention_probs(tm, images((2, *model.img_size, 3), seed=3))
     assert len(probs) == sum(len(stage.blocks) for stage in model.layers)
     for (i, j), ref in probs.items():
         block = model.layers[i].blocks[j]
-        ours = block.attention_weights(jnp.asarray(inputs[(i, j)].numpy()))
+        ours = block.attention_weights(jnp.asarray(inputs[(i, j)]))
         assert ours.shape[:3] == (2, *(-(-s // w) for s, w in zip(block.input_resolution, block.window_size)))
         np.testing.assert_allclose(np.asarray(ours.sum(-1)), 1.0, rtol=1e-5)
-        assert_close(ours.reshape(ref.shape), ref.numpy(), what=f"stage {i} block {j} attention")
+        assert_close(ours.reshape(ref.shape), ref, what=f"stage {i} block {j} attention")
 
 
 @pytest.mark.parametrize(

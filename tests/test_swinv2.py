@@ -26,6 +26,7 @@ from parity import (
     jax_from_timm,
     jax_grads,
     small_logit_scales_,
+    timm_attention_probs,
     timm_grads,
     timm_model,
     to_nchw,
@@ -128,23 +129,12 @@ def test_attention_impls_compute_the_same_function(impl):
 
 def test_attention_weights_are_timms_softmax():
     tm, model, _ = _pair()
-    inputs, probs = {}, {}
-    hooks = []
-    for i, stage in enumerate(tm.layers):
-        for j, block in enumerate(stage.blocks):
-            hooks.append(block.register_forward_pre_hook(lambda m, a, key=(i, j): inputs.__setitem__(key, a[0])))
-            hooks.append(
-                block.attn.softmax.register_forward_hook(lambda m, a, o, key=(i, j): probs.__setitem__(key, o))
-            )
-    with torch.no_grad():
-        tm(to_nchw(images((1, 64, 48, 3), seed=5)))
-    for h in hooks:
-        h.remove()
+    inputs, probs = timm_attention_probs(tm, images((1, 64, 48, 3), seed=5))
     assert len(probs) == 4
     for (i, j), ref in probs.items():
-        ours = model.layers[i].blocks[j].attention_weights(jnp.asarray(inputs[(i, j)].numpy()))
+        ours = model.layers[i].blocks[j].attention_weights(jnp.asarray(inputs[(i, j)]))
         # peaked rows (logits up to 100 apart): compare the probabilities themselves, absolutely
-        np.testing.assert_allclose(np.asarray(ours).reshape(ref.shape), ref.numpy(), atol=2e-5, err_msg=f"{i}.{j}")
+        np.testing.assert_allclose(np.asarray(ours).reshape(ref.shape), ref, atol=2e-5, err_msg=f"{i}.{j}")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from parity import (
     jax_from_timm,
     rel_err,
     small_logit_scales_,
+    timm_attention_probs,
     timm_model,
     to_nchw,
 )
@@ -281,23 +282,12 @@ def test_registry_models_and_untrained_tags():
 def test_attention_weights_are_timms_softmax():
     """Each block's ``attention_weights`` equal timm's softmax output (the input of its ``attn_drop``)."""
     tm, model, _ = _pair()
-    inputs, probs, hooks = {}, {}, []
-    for i, stage in enumerate(tm.stages):
-        for j, block in enumerate(stage.blocks):
-            hooks.append(block.register_forward_pre_hook(lambda m, a, key=(i, j): inputs.__setitem__(key, a[0])))
-            hooks.append(
-                block.attn.attn_drop.register_forward_hook(lambda m, a, o, key=(i, j): probs.__setitem__(key, a[0]))
-            )
-    with torch.no_grad():
-        tm(to_nchw(images((1, 64, 48, 3), seed=5)))
-    for h in hooks:
-        h.remove()
+    inputs, probs = timm_attention_probs(tm, images((1, 64, 48, 3), seed=5))  # timm's blocks take NHWC
     assert len(probs) == 5
     for (i, j), ref in probs.items():
-        x = inputs[(i, j)].numpy()  # timm's blocks take NHWC
-        ours = model.stages[i].blocks[j].attention_weights(jnp.asarray(x))
+        ours = model.stages[i].blocks[j].attention_weights(jnp.asarray(inputs[(i, j)]))
         # peaked rows (logits up to 100 apart): compare the probabilities themselves, absolutely
-        np.testing.assert_allclose(np.asarray(ours).reshape(ref.shape), ref.numpy(), atol=2e-5, err_msg=f"{i}.{j}")
+        np.testing.assert_allclose(np.asarray(ours).reshape(ref.shape), ref, atol=2e-5, err_msg=f"{i}.{j}")
 
 
 def test_bfloat16_compute_and_gradient_checkpointing():
