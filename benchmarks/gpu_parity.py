@@ -42,6 +42,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from parity import FP32_REL_TOL, images, jax_from_timm, jax_outputs, rel_err, timm_model, to_nchw  # noqa: E402
+from timm.models.swin_transformer_v2_cr import SwinTransformerV2Cr  # noqa: E402
 
 import swin_jax  # noqa: E402
 from swin_jax.convert.verify import timm_float64  # noqa: E402
@@ -64,7 +65,7 @@ def timm_outputs(tmodel: torch.nn.Module, x: np.ndarray, device: str, bf16: bool
         maps = tmodel.forward_intermediates(xt, intermediates_only=True)
         out = dict(
             logits=tmodel.forward_head(feats),
-            features=feats.permute(0, 2, 3, 1) if _is_cr(tmodel) else feats,  # V2-CR's features are NCHW
+            features=feats.permute(0, 2, 3, 1) if isinstance(tmodel, SwinTransformerV2Cr) else feats,  # NCHW
             pre_logits=tmodel.forward_head(feats, pre_logits=True),
             maps=[m.permute(0, 2, 3, 1) for m in maps],
         )
@@ -74,10 +75,6 @@ def timm_outputs(tmodel: torch.nn.Module, x: np.ndarray, device: str, bf16: bool
         return t.to(wide).cpu().numpy()
 
     return {k: [host(m) for m in v] if k == "maps" else host(v) for k, v in out.items()}
-
-
-def _is_cr(tmodel: torch.nn.Module) -> bool:
-    return type(tmodel).__name__ == "SwinTransformerV2Cr"
 
 
 def compare(ours: dict, ref: dict) -> dict:

@@ -377,8 +377,9 @@ class SwinBase(nnx.Module):
         if new_patch is not None and (len(new_patch) != 2 or min(new_patch) < 1):
             raise ValueError(f"patch_size must be a positive int or (h, w), got {patch_size!r}")
         new_img = self.img_size if img_size is None else to_2tuple(img_size)
-        if any(s < p for s, p in zip(new_img, new_patch or self.patch_size)):
-            raise ValueError(f"patch size {new_patch or self.patch_size} is larger than the input size {new_img}")
+        patch = new_patch or self.patch_size
+        if any(s < p for s, p in zip(new_img, patch)):
+            raise ValueError(f"patch size {patch} is larger than the input size {new_img}")
         if new_patch is not None and new_patch != self.patch_size:
             self._resample_patch_embed(new_patch)
         if img_size is not None or new_patch is not None:
