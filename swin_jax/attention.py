@@ -10,7 +10,8 @@ per window and head, in float32 softmax. They differ in how that is lowered:
   the only one that applies attention dropout (a model training with ``attn_drop_rate > 0`` uses it).
 - ``'xla'``: ``jax.nn.dot_product_attention(implementation='xla')``. In shifted blocks the window index is
   folded into the head axis (``[B, N, nW * heads, d]``) so the bias plus shift mask is one
-  ``[1, nW * heads, N, N]`` tensor broadcast over the batch, never one per window.
+  ``[1, nW * heads, N, N]`` tensor broadcast over the batch, never one per window. A float64 model runs the
+  same layout through einsums with a float64 softmax (jax.nn's softmax is float32).
 - ``'cudnn'``: the same layout through cuDNN's fused attention (CUDA only). cuDNN wants even sequence lengths
   with a bias, so windows are padded (49 -> 56 tokens) with keys masked out exactly (their weight is 0).
   Elsewhere the same padded layout runs through XLA. Lowering it for CUDA needs cuDNN present, so it is
@@ -136,7 +137,11 @@ def _dot_product(q, k, v, bias, mask, implementation: str, pad: bool) -> jax.Arr
 
         q, k, v = fold(q), fold(k), fold(v)
     full = full.reshape(1, nwb * heads, n_pad, n_pad)
-    out = jax.nn.dot_product_attention(q, k, v, bias=full, scale=1.0, implementation=implementation)
+    if jnp.dtype(q.dtype).itemsize > 4:  # jax.nn's softmax runs in float32: a float64 model keeps float64
+        logits = jnp.einsum("btnh,bsnh->bnts", q, k) + full
+        out = jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(logits, axis=-1), v)
+    else:
+        out = jax.nn.dot_product_attention(q, k, v, bias=full, scale=1.0, implementation=implementation)
     if nwb > 1:
         out = out.reshape(-1, n_pad, nwb, heads, d).transpose(0, 2, 1, 3, 4).reshape(bw, n_pad, heads, d)
     return out[:, :n]
