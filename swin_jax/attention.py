@@ -6,8 +6,10 @@ Every implementation computes the same function, timm's window attention core::
 
 per window and head, in float32 softmax. They differ in how that is lowered:
 
-- ``'einsum'``: two einsums around a softmax fusion, windows ``[B * nW, heads, N, d]``. The reference, and
-  the only one that applies attention dropout (a model training with ``attn_drop_rate > 0`` uses it).
+- ``'einsum'``: two einsums around a softmax on token-major windows ``[B * nW, N, heads, d]``
+  (:func:`softmax_attention`; SwinV2's per-head logit scale multiplies the logits, as timm does). The
+  reference, and the only one that applies attention dropout (a model training with ``attn_drop_rate > 0``
+  runs it with the attention probabilities materialized, ``[B * nW, heads, N, N]``).
 - ``'xla'``: ``jax.nn.dot_product_attention(implementation='xla')``. In shifted blocks the window index is
   folded into the head axis (``[B, N, nW * heads, d]``) so the bias plus shift mask is one
   ``[1, nW * heads, N, N]`` tensor broadcast over the batch, never one per window. A float64 model runs the
@@ -40,7 +42,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["IMPLS", "AUTO_PICKS", "attention_impls", "check_attn_impl", "resolve", "target_platform", "lowering_for"]
+__all__ = [
+    "IMPLS",
+    "AUTO_PICKS",
+    "attention_impls",
+    "check_attn_impl",
+    "resolve",
+    "target_platform",
+    "lowering_for",
+    "softmax_attention",
+    "window_attention",
+]
 
 IMPLS = ("einsum", "xla", "cudnn", "pallas")
 
@@ -97,6 +109,35 @@ def resolve(name: str, platform: str | None = None) -> str:
     if name == "pallas" and platform not in ("cpu", "cuda", "tpu"):
         return "xla"
     return name
+
+
+def softmax_attention(q, k, v, bias, mask: np.ndarray | None, logit_scale=None) -> jax.Array:
+    """The einsum path's core on token-major windows: ``softmax(q·kᵀ [* logit_scale] + bias [+ mask]) · v``.
+
+    Args:
+        q, k, v: ``[B * nW, N, heads, d]``.
+        bias: ``[heads, N, N]``.
+        mask: ``[nW, N, N]`` or None.
+        logit_scale: per-head factor on the logits ``[heads]`` (SwinV2's cosine attention), or None.
+
+    Returns:
+        ``[B * nW, N, heads, d]``; the softmax in float32 or wider.
+    """
+    n, heads = q.shape[1], q.shape[2]
+
+    def core(q, k, v):
+        s = jnp.einsum("btnh,bsnh->bnts", q, k)
+        if logit_scale is not None:
+            s = s * logit_scale.astype(s.dtype)[None, :, None, None]
+        s = s + bias.astype(s.dtype)[None]
+        if mask is not None:
+            s = (s.reshape(-1, mask.shape[0], heads, n, n) + jnp.asarray(mask, s.dtype)[None, :, None]).reshape(s.shape)
+        p = jax.nn.softmax(s.astype(jnp.promote_types(s.dtype, jnp.float32)), axis=-1).astype(v.dtype)
+        return jnp.einsum("bnts,bsnh->btnh", p, v)
+
+    # as jax.nn.dot_product_attention lays it out (q mapped over a unit axis): XLA:CPU then runs q·kᵀ and the softmax
+    # apart from ·v, which its library fusion of all three ran ~2x slower (BENCHMARKS.md)
+    return jax.vmap(core, in_axes=(3, None, None), out_axes=3)(q[:, :, :, None], k, v)[:, :, :, 0]
 
 
 def _bias_and_mask(bias: jax.Array, mask: np.ndarray | None, n_pad: int, dtype) -> jax.Array:
@@ -267,10 +308,10 @@ def _pallas(q, k, v, bias, mask, platform: str) -> jax.Array:
 
 
 def window_attention(impl: str, q, k, v, bias, mask: np.ndarray | None) -> jax.Array:
-    """Attention in each window with ``impl`` (a resolved name, not ``'einsum'``, which the module runs itself).
+    """Attention in each window with ``impl`` (a resolved name: see :func:`resolve`).
 
     Args:
-        impl: ``'xla'``, ``'cudnn'`` or ``'pallas'`` (see :func:`resolve`).
+        impl: ``'einsum'``, ``'xla'``, ``'cudnn'`` or ``'pallas'``.
         q, k, v: ``[B * nW, N, heads, d]``, q already scaled.
         bias: relative position bias ``[heads, N, N]``.
         mask: shift mask ``[nW, N, N]`` or None.
@@ -278,6 +319,8 @@ def window_attention(impl: str, q, k, v, bias, mask: np.ndarray | None) -> jax.A
     Returns:
         ``[B * nW, N, heads, d]``.
     """
+    if impl == "einsum":
+        return softmax_attention(q, k, v, bias, mask)
     if impl == "xla":
         return _dot_product(q, k, v, bias, mask, "xla", pad=False)
     if impl == "cudnn":  # elsewhere, cuDNN's padded layout through XLA (how the CPU tests cover it)

@@ -148,15 +148,15 @@ class WindowAttention(nnx.Module):
         """
         b_, n, _ = x.shape
         impl = attention.resolve(self.attn_impl)
-        if impl == "einsum" or (self.attn_drop.rate > 0 and not self.attn_drop.deterministic):
+        if self.attn_drop.rate > 0 and not self.attn_drop.deterministic:
             q, k, v = self._qkv(x)
             attn = self.attn_drop(self._softmax(q, k, mask).astype(v.dtype))
-            x = jnp.einsum("bhqk,bhkd->bqhd", attn, v).reshape(b_, n, -1)
-        else:  # token-major [B * nW, N, heads, d], as the qkv projection lays them out
-            qkv = self.qkv(x).reshape(b_, n, 3, self.num_heads, -1)
-            q = qkv[:, :, 0] * jnp.asarray(self.scale, qkv.dtype)
-            bias = self.relative_position_bias()
-            x = attention.window_attention(impl, q, qkv[:, :, 1], qkv[:, :, 2], bias, mask).reshape(b_, n, -1)
+            return self.proj_drop(self.proj(jnp.einsum("bhqk,bhkd->bqhd", attn, v).reshape(b_, n, -1)))
+        # token-major [B * nW, N, heads, d], as the qkv projection lays them out
+        qkv = self.qkv(x).reshape(b_, n, 3, self.num_heads, -1)
+        q, k, v = qkv[:, :, 0] * jnp.asarray(self.scale, qkv.dtype), qkv[:, :, 1], qkv[:, :, 2]
+        bias = self.relative_position_bias()
+        x = attention.window_attention(impl, q, k, v, bias, mask).reshape(b_, n, -1)
         return self.proj_drop(self.proj(x))
 
 

@@ -147,9 +147,13 @@ class CosineWindowAttention(nnx.Module):
         b_, n, _ = x.shape
         qkv = self._qkv(x)
         impl = attention.resolve(self.attn_impl)
-        if impl == "einsum" or (self.attn_drop.rate > 0 and not self.attn_drop.deterministic):
+        if self.attn_drop.rate > 0 and not self.attn_drop.deterministic:
             attn = self.attn_drop(self._softmax(qkv, mask).astype(qkv.dtype))
             x = jnp.einsum("bhqk,bkhd->bqhd", attn, qkv[:, :, 2]).reshape(b_, n, -1)
+        elif impl == "einsum":
+            q, k = _normalize(qkv[:, :, 0]), _normalize(qkv[:, :, 1])
+            bias = self.relative_position_bias()
+            x = attention.softmax_attention(q, k, qkv[:, :, 2], bias, mask, self._scale()).reshape(b_, n, -1)
         else:  # the kernels take q pre-scaled: the per-head logit scale folds into the normalized q
             q = _normalize(qkv[:, :, 0]) * self._scale().astype(qkv.dtype)[None, None, :, None]
             k = _normalize(qkv[:, :, 1])
