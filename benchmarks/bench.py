@@ -24,6 +24,10 @@ Timing: warm-up calls, then the median of at least ``--repeats`` timed calls (an
 Compile time: jax's lower+compile, torch.compile's first call. Peak memory: device peak on GPU, the
 worker process' peak RSS on CPU.
 
+Drift: this project's CPU machines change speed by 10-25% over minutes, enough to move a ratio taken from two
+rows run one after the other. ``--rounds N`` runs the whole list N times, every other round in reverse order;
+each round's ratios pair rows of that round, and the summary gives each ratio's median and range over rounds.
+
 The JSON is rewritten after every row, so a run that is stopped keeps the rows it finished. A long
 GPU run can be split (``--variants``, ``--batches``, ``--train-batch``, ``--out``) and the parts joined
 with ``--merge``, which recomputes the ratios only between rows measured on the same device (same GPU
@@ -466,10 +470,39 @@ def _finish_rows(rows: list[dict], parts: list[dict], flops: float | None) -> No
                 and r["kind"] == row["kind"]
                 and r["batch"] == row["batch"]
                 and "img_s" in r
+                and r.get("round") == row.get("round")
                 and _device_key(parts[r.get("part", 0)]["device"]) == key
             ]
             if match:
                 row[ratio] = row["img_s"] / match[-1]["img_s"]
+
+
+def _summarize(rows: list[dict]) -> list[dict]:
+    """Per (kind, variant, batch) over the rounds of a ``--rounds`` run: img/s and each ratio against timm as
+    median, min and max of the rounds' values."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if "img_s" in r:
+            groups.setdefault((r["kind"], r["variant"], r["batch"]), []).append(r)
+    out = []
+    for (kind, variant, batch), rs in groups.items():
+        item = {"kind": kind, "variant": variant, "batch": batch, "rounds": len(rs)}
+        for key in ["img_s"] + sorted({k for r in rs for k in r if k.startswith("vs_timm")}):
+            vals = [r[key] for r in rs if key in r]
+            item[key] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "values": vals}
+        out.append(item)
+    return out
+
+
+def _summary_table(summary: list[dict]) -> str:
+    lines = ["| kind | variant | batch | rounds | img/s (median) | vs timm eager: median (min-max) |", "|" + "---|" * 6]
+    for s in summary:
+        ratio = s.get("vs_timm_eager")
+        ratio = "-" if ratio is None else f"{ratio['median']:.2f} ({ratio['min']:.2f}-{ratio['max']:.2f})"
+        lines.append(
+            f"| {s['kind']} | {s['variant']} | {s['batch']} | {s['rounds']} | {s['img_s']['median']:.2f} | {ratio} |"
+        )
+    return "\n".join(lines)
 
 
 def _table(rows: list[dict]) -> str:
@@ -514,7 +547,7 @@ def _merge(files: list[Path], out: Path | None, command: str) -> int:
             parts.append({"file": Path(path).name, **p})
         for row in res["rows"]:
             row = {**row, "part": base + row.get("part", 0)}
-            ident = (row["kind"], row["variant"], row["batch"])
+            ident = (row["kind"], row["variant"], row["batch"], row.get("round"))
             if ident in seen:
                 rows[seen[ident]] = None  # superseded by this later part
             seen[ident] = len(rows)
@@ -556,6 +589,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5, help="timed calls, at least")
     p.add_argument("--min-time", type=float, help="seconds of timed calls, at least (CPU: 0, GPU: 2)")
     p.add_argument("--timeout", type=int, default=900, help="seconds per variant")
+    p.add_argument(
+        "--rounds", type=int, default=1, help="run the list this many times, every other round reversed (drift)"
+    )
     p.add_argument("--no-peak", action="store_true", help="skip the bf16 matmul peak (GPU)")
     p.add_argument(
         "--profile", action="store_true", help="swin-jax rows: trace 3 calls, report the device's busy fraction"
@@ -588,6 +624,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.variants:
         infer += [v for v in FUSED_EXTRA + ATTN_EXTRA if "train" not in v]
         train += [v for v in FUSED_EXTRA + CUT_EXTRA + ATTN_EXTRA if "train" in v] if train_batch else []
+    if args.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {args.rounds}")
     if args.variants:
         known = INFER + INFER_GPU + INFER_GPU_EXTRA + TRAIN + TRAIN_GPU + FUSED_EXTRA + CUT_EXTRA + ATTN_EXTRA
         unknown = set(args.variants) - set(known)
@@ -601,16 +639,24 @@ def main(argv: list[str] | None = None) -> int:
     peak = None if (not gpu or args.no_peak) else _run_worker("matmul-peak", args)
     part = {"date": started, "command": command, "device": device, "versions": versions, "matmul_peak_bf16": peak}
     result = {**part, "model": args.model, "flops_per_image": flops, "settings": {}, "rows": []}
-    result["settings"] = {"warmup": args.warmup, "repeats": args.repeats, "min_time_s": args.min_time}
+    result["settings"] = {
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "min_time_s": args.min_time,
+        "rounds": args.rounds,
+    }
     rows: list[dict] = result["rows"]
     _write(result, out)
     if peak and "tflops" in peak:
         print(f"measured bf16 matmul peak: {peak['tflops']:.1f} TFLOP/s", file=sys.stderr, flush=True)
     jobs = [("infer", v, b) for b in batches for v in infer] + [("train", v, train_batch) for v in train]
-    for kind, variant, batch in jobs:
+    rounds = [(r, jobs if r % 2 == 0 else jobs[::-1]) for r in range(args.rounds)]
+    for kind, variant, batch, rnd in [(*job, r) for r, order in rounds for job in order]:
         print(f"running {kind} {variant} batch {batch} ...", file=sys.stderr, flush=True)
         res = _run_worker(variant, args, batch)
         row = {"kind": kind, "variant": variant, "batch": batch, **{k: v for k, v in res.items() if k != "times"}}
+        if args.rounds > 1:
+            row["round"] = rnd
         if "times" in res:
             row["median_s"] = statistics.median(res["times"])
             row["img_s"] = batch / row["median_s"]
@@ -622,6 +668,10 @@ def main(argv: list[str] | None = None) -> int:
         _write(result, out)  # after every row: a stopped run keeps what it measured
         print("  " + _table([row]).splitlines()[-1], file=sys.stderr, flush=True)
     print(_table(rows))
+    if args.rounds > 1:
+        result["summary"] = _summarize(rows)
+        _write(result, out)
+        print("\n" + _summary_table(result["summary"]))
     if peak and "tflops" in peak:
         print(f"\nmeasured bf16 matmul peak: {peak['tflops']:.1f} TFLOP/s")
     print(f"\nwrote {out}", file=sys.stderr)

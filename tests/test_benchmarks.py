@@ -43,3 +43,20 @@ def test_device_busy_is_none_without_a_device(tmp_path):
     meta = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}}]
     assert bench.device_busy(_trace(tmp_path, meta + [{"ph": "X", "pid": 1, "ts": 0, "dur": 5}])) is None
     assert bench.device_busy(tmp_path / "empty") is None
+
+
+def test_rounds_pair_rows_of_their_own_round_and_summarize():
+    """--rounds: a ratio compares rows of the same round (machine drift moves whole rounds), and the summary
+    gives each ratio's median and range over the rounds."""
+    part = {"device": {"backend": "cpu", "host": "h", "cpu_model": "m"}}
+    rows = []
+    for rnd, (jax_s, timm_s) in enumerate([(4.0, 5.0), (6.0, 5.0), (5.0, 4.0)]):
+        for variant, img_s in (("jax-fp32", jax_s), ("timm-eager-fp32", timm_s)):
+            rows.append({"kind": "infer", "variant": variant, "batch": 8, "img_s": img_s, "round": rnd})
+    bench._finish_rows(rows, [part], None)
+    assert [r["vs_timm_eager"] for r in rows if r["variant"] == "jax-fp32"] == [0.8, 1.2, 1.25]
+    (ours, timm) = bench._summarize(rows)
+    assert ours["rounds"] == 3 and ours["img_s"]["median"] == 5.0
+    assert ours["vs_timm_eager"] == {"median": 1.2, "min": 0.8, "max": 1.25, "values": [0.8, 1.2, 1.25]}
+    assert "vs_timm_eager" not in timm
+    assert "| infer | jax-fp32 | 8 | 3 | 5.00 | 1.20 (0.80-1.25) |" in bench._summary_table([ours, timm])
