@@ -518,8 +518,9 @@ def _table(rows: list[dict]) -> str:
                 f"compile {fmt(r.get('vs_timm_compile_tf32'), '.2f')}"
             )
         frac = r.get("fraction_of_matmul_peak")
+        rnd = "" if r.get("round") is None else f" (round {r['round']})"
         lines.append(
-            f"| {r['kind']} | {r['variant']} | {r['batch']} | {fmt(r.get('img_s'), '.2f')} | "
+            f"| {r['kind']} | {r['variant']}{rnd} | {r['batch']} | {fmt(r.get('img_s'), '.2f')} | "
             f"{fmt(r.get('vs_timm_eager'), '.2f')} | {fmt(r.get('vs_timm_compile'), '.2f')} | "
             f"{fmt(None if frac is None else 100 * frac, '.1f')} | "
             f"{fmt(r.get('compile_s'), '.1f')} | {fmt(r.get('peak_mem_mb'), '.0f')} | {note} |"
