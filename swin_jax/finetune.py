@@ -14,7 +14,8 @@ the EMA inside it) and :func:`swin_jax.hub.save_pretrained`:
 * SIGTERM during training sets a flag; at the next step boundary a checkpoint is saved and
   :func:`finetune` returns with ``status='interrupted'`` (the previous handler is restored);
 * per epoch one line is printed and appended to ``output/metrics.jsonl`` (train loss, val loss, top-1,
-  top-5 in percent); per step ``output/steps.jsonl`` gets the loss;
+  top-5 in percent); per step ``output/steps.jsonl`` gets the loss (a resume first drops the lines past its
+  checkpoint, so each step and epoch is logged once);
 * the final weights go to ``output/model`` (Flax layout): ``create_model(arch, pretrained=output/"model")``;
 * several processes (``distributed=`` / ``--coordinator ... --num-processes N --process-id I`` or
   ``--distributed``): the same global batches, losses and weights as one process with as many devices, each
@@ -231,6 +232,22 @@ def evaluate(model: Any, loader: Any, mesh: Any = None) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------------------
 # finetune
 # ----------------------------------------------------------------------------------------------------------
+
+
+def _drop_log_lines_after(output: Path, step: int) -> None:
+    """Before a resume from checkpoint ``step``: drop the lines of ``metrics.jsonl`` and ``steps.jsonl`` past it (a
+    killed run logs steps after its last checkpoint, which the resumed run logs again), so every step and epoch
+    appears once. Each file is replaced whole (written next to it, then renamed)."""
+    for name in (METRICS_FILE, STEPS_FILE):
+        path = output / name
+        if not path.is_file():
+            continue
+        lines = path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        if len(kept) != len(lines):
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(kept))
+            tmp.replace(path)
 
 
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
@@ -684,6 +701,7 @@ def _restore(plan: _Plan, mgr, step: int, meta: dict[str, Any], net, optimizer, 
         ema.params = _unflat(ema.params, dict(restored["ema"]))
     acc = dict(meta["epoch_acc"])
     if is_main:
+        _drop_log_lines_after(plan.output, step)
         print(f"resuming from {plan.ckpt_dir / str(step)} (step {step} of {plan.total_steps})", flush=True)
     return acc
 
@@ -819,12 +837,13 @@ def _finish(
     """:func:`finetune`'s result; when completed, the final (and EMA) weights are saved, else the stop is printed."""
     from .hub import save_pretrained
 
+    metrics = {k: v for k, v in last.items() if k not in ("step", "epoch")}  # the run's own step and epoch win
     result: dict[str, Any] = {
         "status": status,
         "step": step,
         "epoch": step / plan.steps_per_epoch,
         "checkpoint": str(checkpoint),
-        **last,
+        **metrics,
     }
     if status == "completed":
         # every process reads the weights (a collective where they are split); process 0 writes them

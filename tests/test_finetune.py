@@ -362,3 +362,32 @@ def test_batch_not_divisible_by_devices_is_refused_before_building(data, tmp_pat
     assert proc.returncode == 2
     assert "batch_size=3 must be divisible by the number of devices (4)" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_resume_drops_log_lines_past_its_checkpoint(tmp_path):
+    """A run killed after its last checkpoint (step 3) logged steps 4-5 and epoch 2 (step 4); the resumed run
+    logs them again, so the resume first drops them: every step and epoch appears once."""
+    from swin_jax.finetune import METRICS_FILE, STEPS_FILE, _drop_log_lines_after
+
+    (tmp_path / STEPS_FILE).write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 6)))
+    (tmp_path / METRICS_FILE).write_text("".join(json.dumps({"epoch": e, "step": 2 * e}) + "\n" for e in (1, 2)))
+    _drop_log_lines_after(tmp_path, 3)
+    assert [r["step"] for r in _read_jsonl(tmp_path / STEPS_FILE)] == [1, 2, 3]
+    assert [r["epoch"] for r in _read_jsonl(tmp_path / METRICS_FILE)] == [1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [METRICS_FILE, STEPS_FILE]  # no temporary left
+    _drop_log_lines_after(tmp_path / "absent", 3)  # nothing logged yet: nothing to do
+
+
+def test_result_step_is_the_runs_not_the_last_epochs(tmp_path, capsys):
+    """Stopped at step 3 after epoch 1 ended at step 2: the result says step 3 (epoch 1.5) and carries epoch 1's
+    metrics."""
+    from types import SimpleNamespace
+
+    from swin_jax.finetune import _finish
+
+    plan = SimpleNamespace(steps_per_epoch=2, output=tmp_path)
+    last = {"epoch": 1, "step": 2, "loss": 0.5, "val_loss": 0.7, "top1": 50.0, "top5": 100.0}
+    result = _finish(plan, "stopped", 3, tmp_path / "checkpoints" / "3", last, None, None, True)
+    assert result["step"] == 3 and result["epoch"] == 1.5 and result["status"] == "stopped"
+    assert result["val_loss"] == 0.7 and result["top1"] == 50.0
+    assert "stopped at step 3" in capsys.readouterr().out
