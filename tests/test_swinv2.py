@@ -116,13 +116,13 @@ def test_gradients_match_timm():
     assert_grads_close(grads_as_timm(model, jax_grads(model, x, y)), timm_grads(tm, x, y))
 
 
-@pytest.mark.parametrize("impl", ["einsum", "xla", "pallas"])
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
 def test_attention_impls_compute_the_same_function(impl):
-    """Every implementation runs SwinV2's cosine attention (the kernels with the per-head scale folded into the
-    normalized q, one code path for all of them; each is checked against timm on V1 in test_attention.py) as close
-    to the float64 reference as timm's fp32; the Pallas kernel with padded tokens (zero q/k rows after
-    normalization, masked keys). The einsum path and 'xla' run in float64 too ('xla' then keeps its softmax in
-    float64, which jax.nn's does not); the kernel computes in float32 by design."""
+    """The kernel implementations run SwinV2's cosine attention with the per-head scale folded into the normalized
+    q, one code path for all of them (each is checked against timm on V1 in test_attention.py; the einsum path,
+    'auto' on the CPU, in every other test here), as close to the float64 reference as timm's fp32; the Pallas
+    kernel with padded tokens (zero q/k rows after normalization, masked keys). 'xla' runs in float64 too (its
+    softmax then stays float64, which jax.nn's does not); the kernel computes in float32 by design."""
     tm = timm_model(NAME, **SMALL)
     model = jax_from_timm(tm, NAME, attn_impl=impl, **SMALL)
     x = images((1, 64, 48, 3), seed=4)
