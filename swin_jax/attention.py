@@ -50,6 +50,7 @@ __all__ = [
     "resolve",
     "target_platform",
     "lowering_for",
+    "attention_probs",
     "softmax_attention",
     "window_attention",
 ]
@@ -111,6 +112,29 @@ def resolve(name: str, platform: str | None = None) -> str:
     return name
 
 
+def attention_probs(q, k, bias, mask: np.ndarray | None, logit_scale=None) -> jax.Array:
+    """Attention probabilities ``softmax(q·kᵀ [* logit_scale] + bias [+ mask])`` as timm computes them: q·kᵀ in the
+    compute dtype, the scale, then the bias, then the mask added to the logits, softmax in float32 or wider.
+
+    Args:
+        q, k: token-major windows ``[B * nW, N, heads, d]``.
+        bias: ``[heads, N, N]``.
+        mask: ``[nW, N, N]`` or None.
+        logit_scale: per-head factor on the logits ``[heads]`` (SwinV2's cosine attention), or None.
+
+    Returns:
+        ``[B * nW, heads, N, N]``.
+    """
+    n, heads = q.shape[1], q.shape[2]
+    s = jnp.einsum("btnh,bsnh->bnts", q, k)
+    if logit_scale is not None:
+        s = s * logit_scale.astype(s.dtype)[None, :, None, None]
+    s = s + bias.astype(s.dtype)[None]
+    if mask is not None:
+        s = (s.reshape(-1, mask.shape[0], heads, n, n) + jnp.asarray(mask, s.dtype)[None, :, None]).reshape(s.shape)
+    return jax.nn.softmax(s.astype(jnp.promote_types(s.dtype, jnp.float32)), axis=-1)
+
+
 def softmax_attention(q, k, v, bias, mask: np.ndarray | None, logit_scale=None) -> jax.Array:
     """The einsum path's core on token-major windows: ``softmax(q·kᵀ [* logit_scale] + bias [+ mask]) · v``.
 
@@ -123,16 +147,9 @@ def softmax_attention(q, k, v, bias, mask: np.ndarray | None, logit_scale=None) 
     Returns:
         ``[B * nW, N, heads, d]``; the softmax in float32 or wider.
     """
-    n, heads = q.shape[1], q.shape[2]
 
     def core(q, k, v):
-        s = jnp.einsum("btnh,bsnh->bnts", q, k)
-        if logit_scale is not None:
-            s = s * logit_scale.astype(s.dtype)[None, :, None, None]
-        s = s + bias.astype(s.dtype)[None]
-        if mask is not None:
-            s = (s.reshape(-1, mask.shape[0], heads, n, n) + jnp.asarray(mask, s.dtype)[None, :, None]).reshape(s.shape)
-        p = jax.nn.softmax(s.astype(jnp.promote_types(s.dtype, jnp.float32)), axis=-1).astype(v.dtype)
+        p = attention_probs(q, k, bias, mask, logit_scale).astype(v.dtype)
         return jnp.einsum("bnts,bsnh->btnh", p, v)
 
     # as jax.nn.dot_product_attention lays it out (q mapped over a unit axis): XLA:CPU then runs q·kᵀ and the softmax
@@ -179,8 +196,7 @@ def _dot_product(q, k, v, bias, mask, implementation: str, pad: bool) -> jax.Arr
         q, k, v = fold(q), fold(k), fold(v)
     full = full.reshape(1, nwb * heads, n_pad, n_pad)
     if jnp.dtype(q.dtype).itemsize > 4:  # jax.nn's softmax runs in float32: a float64 model keeps float64
-        logits = jnp.einsum("btnh,bsnh->bnts", q, k) + full
-        out = jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(logits, axis=-1), v)
+        out = softmax_attention(q, k, v, full[0], None)  # the folded windows as heads of one bias
     else:
         out = jax.nn.dot_product_attention(q, k, v, bias=full, scale=1.0, implementation=implementation)
     if nwb > 1:

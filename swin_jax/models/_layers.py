@@ -29,7 +29,6 @@ __all__ = [
     "WindowBlock",
     "SwinStage",
     "materialize_grad",
-    "attention_softmax",
     "merge_2x2",
 ]
 
@@ -311,11 +310,6 @@ class ClassifierHead(nnx.Module):
         if pre_logits or self.fc is None:
             return x
         return self.fc(x)
-
-
-def attention_softmax(logits: jax.Array) -> jax.Array:
-    """Softmax over the last axis in float32 or wider (float64 stays float64), as timm under autocast."""
-    return jax.nn.softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), axis=-1)
 
 
 class WindowBlock(nnx.Module):

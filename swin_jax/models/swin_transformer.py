@@ -34,7 +34,6 @@ from ._layers import (
     _dropout,
     _linear,
     _trunc_normal_02,
-    attention_softmax,
     materialize_grad,
     merge_2x2,
 )
@@ -108,20 +107,10 @@ class WindowAttention(nnx.Module):
         return bias.transpose(2, 0, 1)
 
     def _qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Token-major ``[B * nW, N, heads, d]`` q (scaled), k, v, as the qkv projection lays them out."""
         b_, n, _ = x.shape
-        qkv = self.qkv(x).reshape(b_, n, 3, self.num_heads, -1).transpose(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        return q * jnp.asarray(self.scale, q.dtype), k, v
-
-    def _softmax(self, q: jax.Array, k: jax.Array, mask: np.ndarray | None) -> jax.Array:
-        n = q.shape[2]
-        attn = jnp.einsum("bhqd,bhkd->bhqk", q, k)
-        attn = attn + self.relative_position_bias().astype(attn.dtype)[None]
-        if mask is not None:
-            num_win = mask.shape[0]
-            attn = attn.reshape(-1, num_win, self.num_heads, n, n) + jnp.asarray(mask, attn.dtype)[None, :, None]
-            attn = attn.reshape(-1, self.num_heads, n, n)
-        return attention_softmax(attn)
+        qkv = self.qkv(x).reshape(b_, n, 3, self.num_heads, -1)
+        return qkv[:, :, 0] * jnp.asarray(self.scale, qkv.dtype), qkv[:, :, 1], qkv[:, :, 2]
 
     def attention_weights(self, x: jax.Array, mask: np.ndarray | None = None) -> jax.Array:
         """The attention probabilities (what timm's ``attn.softmax`` outputs), for study.
@@ -135,7 +124,7 @@ class WindowAttention(nnx.Module):
             not applied.
         """
         q, k, _ = self._qkv(x)
-        return self._softmax(q, k, mask)
+        return attention.attention_probs(q, k, self.relative_position_bias(), mask)
 
     def __call__(self, x: jax.Array, mask: np.ndarray | None = None) -> jax.Array:
         """
@@ -148,15 +137,13 @@ class WindowAttention(nnx.Module):
         """
         b_, n, _ = x.shape
         impl = attention.resolve(self.attn_impl)
-        if self.attn_drop.rate > 0 and not self.attn_drop.deterministic:
-            q, k, v = self._qkv(x)
-            attn = self.attn_drop(self._softmax(q, k, mask).astype(v.dtype))
-            return self.proj_drop(self.proj(jnp.einsum("bhqk,bhkd->bqhd", attn, v).reshape(b_, n, -1)))
-        # token-major [B * nW, N, heads, d], as the qkv projection lays them out
-        qkv = self.qkv(x).reshape(b_, n, 3, self.num_heads, -1)
-        q, k, v = qkv[:, :, 0] * jnp.asarray(self.scale, qkv.dtype), qkv[:, :, 1], qkv[:, :, 2]
+        q, k, v = self._qkv(x)
         bias = self.relative_position_bias()
-        x = attention.window_attention(impl, q, k, v, bias, mask).reshape(b_, n, -1)
+        if self.attn_drop.rate > 0 and not self.attn_drop.deterministic:
+            attn = self.attn_drop(attention.attention_probs(q, k, bias, mask).astype(v.dtype))
+            x = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b_, n, -1)
+        else:
+            x = attention.window_attention(impl, q, k, v, bias, mask).reshape(b_, n, -1)
         return self.proj_drop(self.proj(x))
 
 

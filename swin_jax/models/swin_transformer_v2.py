@@ -38,7 +38,6 @@ from ._layers import (
     WindowBlock,
     _dropout,
     _linear,
-    attention_softmax,
     materialize_grad,
     merge_2x2,
 )
@@ -118,18 +117,8 @@ class CosineWindowAttention(nnx.Module):
 
     def _softmax(self, qkv: jax.Array, mask: np.ndarray | None) -> jax.Array:
         """Attention probabilities ``[B * nW, heads, N, N]`` (float32 or wider) from token-major qkv."""
-        n = qkv.shape[1]
-        # token-major q and k straight into the contraction (head-major copies first were slower on the CPU:
-        # BENCHMARKS.md, SwinV2-CR inference on CPU)
         q, k = _normalize(qkv[:, :, 0]), _normalize(qkv[:, :, 1])
-        attn = jnp.einsum("bqhd,bkhd->bhqk", q, k)
-        attn = attn * self._scale().astype(attn.dtype)[None, :, None, None]
-        attn = attn + self.relative_position_bias().astype(attn.dtype)[None]
-        if mask is not None:
-            num_win = mask.shape[0]
-            attn = attn.reshape(-1, num_win, self.num_heads, n, n) + jnp.asarray(mask, attn.dtype)[None, :, None]
-            attn = attn.reshape(-1, self.num_heads, n, n)
-        return attention_softmax(attn)
+        return attention.attention_probs(q, k, self.relative_position_bias(), mask, self._scale())
 
     def attention_weights(self, x: jax.Array, mask: np.ndarray | None = None) -> jax.Array:
         """The attention probabilities (timm's ``attn.softmax`` output) ``[B * nW, heads, N, N]``, float32 or wider."""
@@ -150,15 +139,14 @@ class CosineWindowAttention(nnx.Module):
         if self.attn_drop.rate > 0 and not self.attn_drop.deterministic:
             attn = self.attn_drop(self._softmax(qkv, mask).astype(qkv.dtype))
             x = jnp.einsum("bhqk,bkhd->bqhd", attn, qkv[:, :, 2]).reshape(b_, n, -1)
-        elif impl == "einsum":
-            q, k = _normalize(qkv[:, :, 0]), _normalize(qkv[:, :, 1])
-            bias = self.relative_position_bias()
-            x = attention.softmax_attention(q, k, qkv[:, :, 2], bias, mask, self._scale()).reshape(b_, n, -1)
-        else:  # the kernels take q pre-scaled: the per-head logit scale folds into the normalized q
-            q = _normalize(qkv[:, :, 0]) * self._scale().astype(qkv.dtype)[None, None, :, None]
-            k = _normalize(qkv[:, :, 1])
-            bias = self.relative_position_bias()
-            x = attention.window_attention(impl, q, k, qkv[:, :, 2], bias, mask).reshape(b_, n, -1)
+        else:
+            q, k, v = _normalize(qkv[:, :, 0]), _normalize(qkv[:, :, 1]), qkv[:, :, 2]
+            bias, scale = self.relative_position_bias(), self._scale()
+            if impl == "einsum":  # the scale on the logits, as timm
+                x = attention.softmax_attention(q, k, v, bias, mask, scale)
+            else:  # the kernels take q pre-scaled: the per-head logit scale folds into the normalized q
+                x = attention.window_attention(impl, q * scale.astype(q.dtype)[None, None, :, None], k, v, bias, mask)
+            x = x.reshape(b_, n, -1)
         return self.proj_drop(self.proj(x))
 
 
