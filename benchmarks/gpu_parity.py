@@ -9,7 +9,9 @@ device with full-fp32 matmuls (torch ``allow_tf32=False`` for matmul and cuDNN).
 
 - fp32: swin-jax under ``jax_default_matmul_precision='highest'`` (the like-for-like check, tolerance
   FP32_REL_TOL), and, for scale, swin-jax at jax's default precision (TF32 on GPU), timm with TF32 on,
-  and timm on the CPU.
+  and timm on the CPU. ``jax_fp32_tf32_emulated``: swin-jax with the TF32 rounding of jax's default GPU
+  precision emulated (benchmarks/tf32.py), so the CPU gives the default precision's accuracy too; on a GPU it
+  sits next to the real ``jax_fp32_default_precision`` and checks the emulation.
 - bf16: swin-jax bf16 compute (fp32 parameters) and timm bf16 autocast, both against timm fp32.
 
 SwinV2 and V2-CR (cosine logits scaled by up to 100, where fp32 itself is not exact) are judged as the tests
@@ -41,7 +43,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from parity import FP32_REL_TOL, images, jax_from_timm, jax_outputs, rel_err, timm_model, to_nchw  # noqa: E402
+from parity import FP32_REL_TOL, images, jax_from_timm, jax_outputs, outputs, rel_err, timm_model, to_nchw  # noqa: E402
+from tf32 import emulate_tf32  # noqa: E402
 from timm.models.swin_transformer_v2_cr import SwinTransformerV2Cr  # noqa: E402
 
 import swin_jax  # noqa: E402
@@ -156,6 +159,10 @@ def main() -> int:
             if impl == "auto":
                 outs["jax_fp32_default_precision"] = jax_outputs(model32, x)
             outs[f"jax_bf16{suffix}"] = jax_outputs(model16, x)
+        if impl == "auto":  # TF32 inputs emulated (benchmarks/tf32.py), every other op at full fp32
+            with jax.default_matmul_precision("highest"):
+                emulated = jax.jit(emulate_tf32(outputs))(model32, x)
+            outs["jax_fp32_tf32_emulated"] = jax.tree_util.tree_map(np.asarray, emulated)
     _set_torch_tf32(True)
     outs["timm_fp32_tf32"] = timm_outputs(tmodel, x, tdev)
     _set_torch_tf32(False)

@@ -150,22 +150,22 @@ def timm_outputs(tmodel: torch.nn.Module, x: np.ndarray) -> dict[str, Any]:
         )
 
 
+def outputs(model: nnx.Module, x: jax.Array) -> dict[str, Any]:
+    """The outputs the parity checks compare, from one forward pass (traceable): ``forward_intermediates`` gives
+    the stage maps and the final features (after the final norm, what ``forward_features`` returns; test_model
+    checks that the two agree), the head gives logits and pre-logits."""
+    feats, maps = model.forward_intermediates(x)
+    return dict(
+        logits=model.forward_head(feats),
+        features=feats,
+        pre_logits=model.forward_head(feats, pre_logits=True),
+        maps=maps,
+    )
+
+
 def jax_outputs(model: nnx.Module, x: np.ndarray) -> dict[str, Any]:
-    """The same outputs from swin_jax (jit-compiled), from one forward pass: ``forward_intermediates`` gives the
-    stage maps and the final features (after the final norm, what ``forward_features`` returns; test_model checks
-    that the two agree), the head gives logits and pre-logits."""
-
-    @jax.jit
-    def run(model, x):
-        feats, maps = model.forward_intermediates(x)
-        return dict(
-            logits=model.forward_head(feats),
-            features=feats,
-            pre_logits=model.forward_head(feats, pre_logits=True),
-            maps=maps,
-        )
-
-    return jax.tree_util.tree_map(np.asarray, run(model, x))
+    """:func:`outputs` from swin_jax, jit-compiled, as numpy arrays."""
+    return jax.tree_util.tree_map(np.asarray, jax.jit(outputs)(model, x))
 
 
 def assert_parity(model: swin_jax.SwinTransformer, tmodel: torch.nn.Module, x: np.ndarray) -> dict[str, float]:

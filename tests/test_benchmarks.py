@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import sys
@@ -60,3 +61,47 @@ def test_rounds_pair_rows_of_their_own_round_and_summarize():
     assert ours["vs_timm_eager"] == {"median": 1.2, "min": 0.8, "max": 1.25, "values": [0.8, 1.2, 1.25]}
     assert "vs_timm_eager" not in timm
     assert "| infer | jax-fp32 | 8 | 3 | 5.00 | 1.20 (0.80-1.25) |" in bench._summary_table([ours, timm])
+
+
+def test_tf32_emulation_rounds_default_precision_matmul_inputs_only():
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from tf32 import emulate_tf32, round_to_tf32
+
+    bits = np.array([0x3F800000, 0x3F800FFF, 0x3F801000, 0x3F801001, 0x3F803000, 0xBF7FFFFF], np.uint32)
+    got = np.asarray(round_to_tf32(jnp.asarray(bits.view(np.float32)))).view(np.uint32)
+    # below half an ulp down, a tie to even (down), just above up, a tie to even (up), carry into the exponent
+    np.testing.assert_array_equal(got, [0x3F800000, 0x3F800000, 0x3F800000, 0x3F802000, 0x3F804000, 0xBF800000])
+
+    rng = np.random.default_rng(0)
+    a, b = (jnp.asarray(rng.standard_normal((16, 64)), jnp.float32) for _ in range(2))
+    img = jnp.asarray(rng.standard_normal((1, 8, 8, 3)), jnp.float32)
+    ker = jnp.asarray(rng.standard_normal((2, 2, 3, 4)), jnp.float32)
+    conv = functools.partial(
+        jax.lax.conv_general_dilated, window_strides=(2, 2), padding="VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+    @jax.jit
+    def inner(a, b):  # a nested jit and a custom_jvp function are followed
+        return jax.nn.gelu(a, approximate=False) @ b.T, jnp.dot(a, b.T, precision="highest")
+
+    def fn(args):
+        default, highest = inner(*args["ab"])
+        return {"default": default, "highest": highest, "conv": conv(*args["conv"]), "exp": jnp.exp(args["ab"][0])}
+
+    args = {"ab": (a, b), "conv": (img, ker)}
+    got = jax.jit(emulate_tf32(fn))(args)
+    with jax.default_matmul_precision("highest"):
+        t = lambda x: np.asarray(round_to_tf32(x), np.float64)  # noqa: E731
+        want_default = t(jax.nn.gelu(a, approximate=False)) @ t(b).T
+        want_conv = np.asarray(conv(jnp.asarray(t(img), jnp.float32), jnp.asarray(t(ker), jnp.float32)))
+    np.testing.assert_allclose(got["default"], want_default, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got["conv"], want_conv, rtol=1e-5, atol=1e-5)
+    exact = np.asarray(a, np.float64) @ np.asarray(b, np.float64).T
+    np.testing.assert_allclose(got["highest"], exact, rtol=1e-5, atol=1e-5)  # not rounded
+    assert np.abs(np.asarray(got["default"]) - exact).max() > 1e-3  # TF32's 2^-11 per operand is visible
+    np.testing.assert_array_equal(got["exp"], jnp.exp(a))
+    with jax.default_matmul_precision("highest"):  # what is emulated is the default, whatever is in force
+        again = jax.jit(emulate_tf32(fn))(args)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, again, got)
