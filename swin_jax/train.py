@@ -53,6 +53,7 @@ __all__ = [
     "create_schedule",
     "create_optimizer",
     "scale_by_param_name",
+    "ScaleByParamNameState",
     "smooth_targets",
     "cross_entropy",
     "topk_correct",
@@ -169,19 +170,30 @@ def _by_name(tree: Any, fn: Callable[[str], Any]) -> Any:
     return jax.tree_util.tree_map_with_path(lambda path, _: fn(_path_to_timm_name(tuple(path))), tree)
 
 
+class ScaleByParamNameState(NamedTuple):
+    """Each parameter's scale as a float32 scalar, in a tree shaped like the parameters."""
+
+    scales: Any
+
+
 def scale_by_param_name(scales: Mapping[str, float]) -> optax.GradientTransformation:
-    """Multiply each update by its parameter's scale (looked up by timm name; 1 where not listed)."""
+    """Multiply each update by its parameter's scale (looked up by timm name; 1 where not listed).
 
-    def init_fn(params: Any) -> optax.EmptyState:
-        del params
-        return optax.EmptyState()
+    The scales are optimizer state (one scalar per parameter), not constants of the program: with a constant
+    per parameter every parameter's update became its own kernel, and XLA compiled Swin-B's AdamW update with
+    layer decay in 8-10 s instead of ~4 s (kernels of same-shaped parameters are shared when only their inputs
+    differ). The product is the same, bit for bit."""
 
-    def update_fn(updates: Any, state: optax.EmptyState, params: Any = None) -> tuple[Any, optax.EmptyState]:
-        del params
-        updates = jax.tree_util.tree_map_with_path(
-            lambda path, u: u * jnp.asarray(scales.get(_path_to_timm_name(tuple(path)), 1.0), u.dtype), updates
+    def init_fn(params: Any) -> ScaleByParamNameState:
+        return ScaleByParamNameState(
+            jax.tree_util.tree_map_with_path(
+                lambda path, _: jnp.asarray(scales.get(_path_to_timm_name(tuple(path)), 1.0), jnp.float32), params
+            )
         )
-        return updates, state
+
+    def update_fn(updates: Any, state: ScaleByParamNameState, params: Any = None) -> tuple[Any, ScaleByParamNameState]:
+        del params
+        return jax.tree_util.tree_map(lambda u, s: u * s.astype(u.dtype), updates, state.scales), state
 
     return optax.GradientTransformation(init_fn, update_fn)
 
