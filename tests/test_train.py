@@ -108,8 +108,8 @@ def test_gradients_match_timm(pair, batch):
 
 def test_layer_decay_scales_are_data_not_program():
     """The per-parameter lr scales live in the optimizer state: the update compiles to the same program whatever
-    their values (constants made every parameter's update its own kernel: Swin-B's AdamW update compiled in 8-10 s
-    instead of 3.4 s), and each update is scaled by its own parameter's value."""
+    their values (constants made every parameter's update its own kernel: Swin-B's AdamW update compiled in 7-10 s
+    instead of ~3 s), and each update is scaled by its own parameter's value."""
     model = _tiny()
     params = nnx.state(model, nnx.Param)
 
