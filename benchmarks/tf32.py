@@ -11,10 +11,10 @@ It traces ``fn`` at jax's default precision (whatever ``jax_default_matmul_preci
 evaluates the jaxpr, rounding the float32 inputs of every ``dot_general`` and ``conv_general_dilated`` left at
 the default (``precision=None`` or ``DEFAULT``) to the nearest TF32 value (ties to even) and computing it at
 ``HIGHEST`` from there; dots that ask for more (``HIGHEST``, an explicit algorithm) and all other ops run
-unchanged. The accumulation
-stays XLA:CPU's float32 one, so what it models is the input rounding, the dominant term (2^-11 relative per
-operand against float32's 2^-24). Forward computations only: nested jit, custom_jvp / custom_vjp functions and
-remat are followed; any other primitive with a sub-program raises rather than skipping its dots.
+unchanged. The accumulation stays XLA:CPU's float32 one, so what it models is the input rounding, the dominant
+term (2^-11 relative per operand against float32's 2^-24). Forward computations only: nested jit, custom_jvp /
+custom_vjp functions and remat are followed; any other primitive with a sub-program raises rather than skipping
+its dots.
 """
 
 from __future__ import annotations
