@@ -25,6 +25,10 @@ F64_REL_TOL = 1e-10
 # swin_jax fp32 may be this many times as far from the float64 reference as timm's own fp32 is, where fp32 itself is
 # not exact (SwinV2's cosine logits scaled by up to 100); FP32_REL_TOL always suffices
 FP32_VS_TIMM_FACTOR = 2.0
+# where fp32 is not exact, no single element of an output may be further than this from float64 (relative to the
+# output's largest value): a coarse guard next to the root-mean-square criterion; timm fp32's own worst element
+# measured 5e-6 to 3e-5 on the tests' SwinV2 inputs and up to 9.5e-5 on SwinV2-CR's
+FP32_MAX_REL_TOL = 1e-3
 # gradients (max|ours - timm| / max|timm| per parameter tensor) at fp32 on CPU
 GRAD_REL_TOL = 1e-4
 
@@ -100,6 +104,14 @@ def rel_err(ours: Any, ref: Any) -> float:
     if ours.shape != ref.shape:
         raise AssertionError(f"shape mismatch: ours {ours.shape} vs timm {ref.shape}")
     return float(np.abs(ours - ref).max() / max(np.abs(ref).max(), 1e-30))
+
+
+def rms_rel_err(ours: Any, ref: Any) -> float:
+    """||ours - ref|| / ||ref|| (root mean square error relative to the root mean square of ``ref``)."""
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    if ours.shape != ref.shape:
+        raise AssertionError(f"shape mismatch: ours {ours.shape} vs timm {ref.shape}")
+    return float(np.sqrt(np.sum((ours - ref) ** 2) / max(np.sum(ref**2), 1e-300)))
 
 
 def assert_close(ours: Any, ref: Any, tol: float = FP32_REL_TOL, what: str = "output") -> float:
@@ -198,16 +210,35 @@ def assert_parity_float64(
     """Parity judged against float64, for functions where fp32 is not exact.
 
     * swin_jax float64 equals timm float64 to :data:`F64_REL_TOL` on every output (the structural proof);
-    * swin_jax fp32 is as close to timm float64 as timm's own fp32 is: its largest error over the outputs is within
-      :data:`FP32_VS_TIMM_FACTOR` times timm's largest, or :data:`FP32_REL_TOL`, whichever is larger.
+    * swin_jax fp32 is as close to timm float64 as timm's own fp32 is: its largest root-mean-square error over the
+      outputs (:func:`rms_rel_err`) is within :data:`FP32_VS_TIMM_FACTOR` times timm's largest, or
+      :data:`FP32_REL_TOL`, whichever is larger;
+    * and no element of any output is off by more than :data:`FP32_MAX_REL_TOL` (:func:`rel_err`).
+
+    Why the root mean square: where logits are scaled by up to 100, fp32's error is a few large deviations (rows
+    whose largest logits nearly tie), so each framework's *largest* deviation is a heavy-tailed draw. Measured on
+    SwinV2 (tests' weights, 8 inputs, one image each): the ratio of swin_jax's largest deviation to timm's scattered
+    0.3x-4.1x for every attention implementation alike (the einsum path 3.3x on one input), and the root mean square
+    ratio 0.5x-1.7x. So a judgement by the largest deviation passes or fails by the CPU's rounding (it failed the
+    'xla' kernel on an AVX-512 machine and passed it on an AVX2 one), while any wrong term (a mask, a scale, a
+    bf16 intermediate) moves the root mean square by orders of magnitude.
 
     ``model`` is swin_jax's fp32 twin of ``tm`` (built with ``name`` and ``kwargs``). ``structural=False`` skips the
-    float64 run (attention kernels compute in float32 by design). Returns the errors, per output.
+    float64 run (attention kernels compute in float32 by design). Returns the errors, per output: ``ours32`` /
+    ``timm32`` (root mean square), ``ours32_max`` / ``timm32_max`` (largest element) and ``f64``.
     """
     t64 = timm_float64(tm)
     ref64 = _flat_outputs(timm_outputs(t64, x.astype(np.float64)))
     ours32, timm32 = _flat_outputs(jax_outputs(model, x)), _flat_outputs(timm_outputs(tm, x))
-    errs = {key: dict(ours32=rel_err(ours32[key], ref), timm32=rel_err(timm32[key], ref)) for key, ref in ref64.items()}
+    errs = {
+        key: dict(
+            ours32=rms_rel_err(ours32[key], ref),
+            timm32=rms_rel_err(timm32[key], ref),
+            ours32_max=rel_err(ours32[key], ref),
+            timm32_max=rel_err(timm32[key], ref),
+        )
+        for key, ref in ref64.items()
+    }
     if structural:
         ours64 = _flat_outputs(jax_float64(t64, name, x, **kwargs))
         for key, e in errs.items():
@@ -216,7 +247,9 @@ def assert_parity_float64(
     # over all outputs together: single outputs (a max-pooled feature) scatter around the ratio
     ours, timm = max(e["ours32"] for e in errs.values()), max(e["timm32"] for e in errs.values())
     bound = max(FP32_VS_TIMM_FACTOR * timm, FP32_REL_TOL)
-    assert ours <= bound, f"fp32 rel err to float64 {ours:.3e} > {bound:.3e} (timm fp32: {timm:.3e}): {errs}"
+    assert ours <= bound, f"fp32 rms rel err to float64 {ours:.3e} > {bound:.3e} (timm fp32: {timm:.3e}): {errs}"
+    worst = max(e["ours32_max"] for e in errs.values())
+    assert worst <= FP32_MAX_REL_TOL, f"fp32 max rel err to float64 {worst:.3e} > {FP32_MAX_REL_TOL:.0e}: {errs}"
     return errs
 
 
