@@ -61,6 +61,9 @@ FUSED_EXTRA = ["timm-eager-fp32-fused", "timm-train-eager-fp32-fused"]
 # swin-jax with the per-block backward cut forced on (SWIN_JAX_BACKWARD_CUT=always; by default it applies on
 # the CPU only): an A/B on a GPU, run when named in --variants
 CUT_EXTRA = ["jax-train-bf16-cut", "jax-train-fp32-cut"]
+# swin-jax with each stage's repeated blocks as one lax.scan (model.set_scan_blocks(True)): fewer kernels to
+# compile; run when named in --variants
+SCAN_EXTRA = ["jax-fp32-scan", "jax-bf16-scan", "jax-train-fp32-scan", "jax-train-bf16-scan"]
 # swin-jax with an explicit attention implementation (create_model(attn_impl=...); the plain rows run 'auto'):
 # VARIANT@IMPL, run when named in --variants
 ATTN_EXTRA = [
@@ -107,6 +110,8 @@ REFS = {
 }
 REFS["jax-train-bf16-cut"] = REFS["jax-train-bf16"]
 REFS["jax-train-fp32-cut"] = REFS["jax-train-fp32"]
+for _scanned in SCAN_EXTRA:
+    REFS[_scanned] = REFS[_scanned.removesuffix("-scan")]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -195,6 +200,8 @@ def _jax_worker(
     if variant.endswith("-cut"):  # read when the step is traced
         os.environ["SWIN_JAX_BACKWARD_CUT"] = "always"
     variant = variant.removesuffix("-cut")
+    scan = variant.endswith("-scan")
+    variant = variant.removesuffix("-scan")
     variant, _, attn_impl = variant.partition("@")
     import jax
 
@@ -214,6 +221,7 @@ def _jax_worker(
     # inference stores bf16 weights too; training keeps fp32 master weights and computes in bf16
     param_dtype = jnp.bfloat16 if (bf16 and not train) else jnp.float32
     model = swin_jax.create_model(model_name, dtype=dtype, param_dtype=param_dtype, attn_impl=attn_impl or "auto")
+    model.set_scan_blocks(scan)
     size = model.img_size
     x = jnp.asarray(np.random.default_rng(0).standard_normal((batch, *size, 3)), jnp.float32)
     gpu = jax.default_backend() == "gpu"
@@ -222,6 +230,7 @@ def _jax_worker(
 
     out["settings"]["attn_impl"] = f"{attn_impl or 'auto'} (runs {resolve(attn_impl or 'auto')})"
     out["settings"]["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "")
+    out["settings"]["scan_blocks"] = scan
     if not train:
         forward = swin_jax.compile_forward(model)
         t = time.perf_counter()
@@ -623,12 +632,13 @@ def main(argv: list[str] | None = None) -> int:
     infer = INFER + (INFER_GPU + (INFER_GPU_EXTRA if args.variants else []) if gpu else [])
     train = (TRAIN + (TRAIN_GPU if gpu else [])) if train_batch else []
     if args.variants:
-        infer += [v for v in FUSED_EXTRA + ATTN_EXTRA if "train" not in v]
-        train += [v for v in FUSED_EXTRA + CUT_EXTRA + ATTN_EXTRA if "train" in v] if train_batch else []
+        infer += [v for v in FUSED_EXTRA + ATTN_EXTRA + SCAN_EXTRA if "train" not in v]
+        train += [v for v in FUSED_EXTRA + CUT_EXTRA + ATTN_EXTRA + SCAN_EXTRA if "train" in v] if train_batch else []
     if args.rounds < 1:
         p.error(f"--rounds must be at least 1, got {args.rounds}")
     if args.variants:
-        known = INFER + INFER_GPU + INFER_GPU_EXTRA + TRAIN + TRAIN_GPU + FUSED_EXTRA + CUT_EXTRA + ATTN_EXTRA
+        known = INFER + INFER_GPU + INFER_GPU_EXTRA + TRAIN + TRAIN_GPU
+        known += FUSED_EXTRA + CUT_EXTRA + ATTN_EXTRA + SCAN_EXTRA
         unknown = set(args.variants) - set(known)
         if unknown:
             p.error(f"unknown variants: {sorted(unknown)}")

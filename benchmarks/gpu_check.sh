@@ -16,8 +16,9 @@
 #   5. inference, bf16, each attention implementation (xla, cudnn, pallas) at batch 256, then 64 and 1;
 #   6. the same bf16 training step with the per-block backward cut forced on (SWIN_JAX_BACKWARD_CUT=always:
 #      does the fusion problem it fixes on the CPU exist on the GPU?);
-#   7. host time per training-step call (benchmarks/host_time.py), then fp32 training like-for-like;
-#   8. XLA flag variants of bf16 inference at batch 256, one try each: no command buffers, cuDNN layer norm,
+#   7. compile time with each stage's repeated blocks as one scan (set_scan_blocks), bf16 inference and training;
+#   8. host time per training-step call (benchmarks/host_time.py), then fp32 training like-for-like;
+#   9. XLA flag variants of bf16 inference at batch 256, one try each: no command buffers, cuDNN layer norm,
 #      autotune level 0.
 # A dry run on the CPU (small model and batches, to check the script, not to measure):
 #   MODEL=swin_tiny_patch4_window7_224 TRAIN_BATCH=2 INFER_BATCH=2 bash benchmarks/gpu_check.sh /tmp/dry
@@ -52,6 +53,8 @@ bench --no-peak --batches ${INFER_BATCH:-256} ${SMALL_BATCHES:-64 1} --train-bat
     --variants jax-bf16@xla jax-bf16@cudnn jax-bf16@pallas
 bench --no-peak --profile --train-batch ${TRAIN_BATCH:-64} --out "$out/train-bf16-cut.json" --variants \
     jax-train-bf16-cut
+bench --no-peak --batches ${INFER_BATCH:-256} --train-batch ${TRAIN_BATCH:-64} --out "$out/scan-bf16.json" \
+    --variants jax-bf16-scan jax-train-bf16-scan
 [ "$(left)" -gt 60 ] && timeout "$(left)" python benchmarks/host_time.py --model "$model" --out "$out/host_time.json"
 bench --no-peak --profile --train-batch ${TRAIN_BATCH:-64} --out "$out/train-fp32.json" --variants \
     jax-train-fp32 timm-train-compile-fp32

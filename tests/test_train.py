@@ -346,6 +346,54 @@ def test_backward_is_cut_per_block_and_gradients_unchanged(monkeypatch):
         _largest_fusion_and_grads(model, x, y)
 
 
+def _scans(model: nnx.Module, x: jax.Array) -> int:
+    """How many ``lax.scan``s the model's forward traces to (no compile; in eval mode: a closed-over model's drop path
+    streams cannot advance inside a trace)."""
+    return str(jax.make_jaxpr(lambda x: model(x))(x)).count(" scan[")
+
+
+@nnx.jit
+def _loss_and_grads(model: nnx.Module, x: jax.Array, y: jax.Array) -> tuple[jax.Array, nnx.State]:
+    return nnx.value_and_grad(lambda m: cross_entropy(m(x), y, num_classes=10))(model)
+
+
+def test_scanned_blocks_are_the_same_function():
+    """``set_scan_blocks``: a stage's repeated pairs of blocks as one scan over their stacked parameters (BENCHMARKS.md:
+    it did not cut the CPU compile; the GPU check measures it there). In training with drop path (rates differing
+    per block, passed as data) the loss is bit-identical: the same masks from the same RNG streams, which advance
+    the same way. Gradients equal to fp32 summation order (the parity tolerance). Pairs that differ are not scanned:
+    V2-CR's extra norm every third block leaves one pair of three equal."""
+    x, y = _tiny_batch()
+    runs = {}
+    for scan in (False, True):
+        model = _tiny(depths=(1, 4), num_heads=(2, 2), drop_path_rate=0.3)
+        model.set_scan_blocks(scan)
+        assert _scans(model, x) == int(scan)
+        model.train()
+        grads, losses = [], []
+        for _ in range(2):
+            loss, g = _loss_and_grads(model, x, y)
+            grads.append(g)
+            losses.append(float(loss))
+        runs[scan] = grads, losses, nnx.state(model, nnx.RngCount)
+    (g_ref, l_ref, c_ref), (g_scan, l_scan, c_scan) = runs[False], runs[True]
+    assert l_scan == l_ref and l_ref[0] != l_ref[1]  # the same masks, and they did change between calls
+    for a, b in zip(g_ref, g_scan):
+        assert_grads_close(grads_as_timm(model, b), grads_as_timm(model, a), tol=FP32_REL_TOL)
+    for a, b in zip(jax.tree.leaves(c_ref), jax.tree.leaves(c_scan)):
+        np.testing.assert_array_equal(a, b)
+    cr = swin_jax.create_model(
+        "swinv2_cr_tiny_224", **{**TINY, "depths": (1, 6), "num_heads": (2, 2)}, extra_norm_period=3, rngs=nnx.Rngs(0)
+    )
+    cr.set_scan_blocks(True)
+    assert _scans(cr, x) == 0  # pairs (0, 1), (2, 3), (4, 5): norm3 on blocks 2 and 5
+    cr = swin_jax.create_model(
+        "swinv2_cr_tiny_224", **{**TINY, "depths": (1, 7), "num_heads": (2, 2)}, rngs=nnx.Rngs(0)
+    )
+    cr.set_scan_blocks(True)
+    assert _scans(cr, x) == 1  # three equal pairs, the odd last block after them
+
+
 def test_fast_train_step_equals_train_step_with_ema_and_accumulation():
     """TrainStep (flat state, donated buffers, EMA inside the program) computes what train_step followed by
     EMA.update on every update computes: drop path on (the RNG streams advance the same way), gradient

@@ -335,6 +335,14 @@ class SwinBase(nnx.Module):
         for stage in self.stage_modules:
             stage.grad_checkpointing = enable
 
+    def set_scan_blocks(self, enable: bool = True) -> None:
+        """Run each stage's repeated pairs of blocks as one ``lax.scan`` over their stacked parameters
+        (:func:`swin_jax.models._layers.run_blocks`): the compiled program holds one pair of blocks per stage
+        instead of all of them, so it compiles faster (Swin-B's training step: BENCHMARKS.md). The same function
+        (drop path masks included); the parameter tree, and so the timm mapping and checkpoints, are unchanged."""
+        for stage in self.stage_modules:
+            stage.scan_blocks = enable
+
     def _resample_patch_embed(self, patch: tuple[int, int]) -> None:
         """The stem for patch size ``patch``: timm's resampled kernel (OIHW <-> our HWIO), stride = kernel."""
         conv = self.patch_embed.proj

@@ -34,6 +34,7 @@ from ._layers import (
     _dropout,
     _linear,
     _trunc_normal_02,
+    drop_path,
     materialize_grad,
     merge_2x2,
 )
@@ -200,11 +201,11 @@ class SwinTransformerBlock(WindowBlock):
     def _attn_input(self, x: jax.Array) -> jax.Array:
         return self.norm1(x)  # pre-norm
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, drop_path_keep: jax.Array | None = None) -> jax.Array:
         """``[B, H, W, C]`` -> ``[B, H, W, C]``."""
         x = materialize_grad(x)  # the gradient flowing out of this block is computed once (see its comment)
-        x = x + self.drop_path1(self._attn(self.norm1(x)))
-        return x + self.drop_path2(self.mlp(self.norm2(x)))
+        x = x + drop_path(self.drop_path1, self._attn(self.norm1(x)), drop_path_keep)
+        return x + drop_path(self.drop_path2, self.mlp(self.norm2(x)), drop_path_keep)
 
 
 class PatchMerging(nnx.Module):

@@ -38,6 +38,7 @@ from ._layers import (
     WindowBlock,
     _dropout,
     _linear,
+    drop_path,
     materialize_grad,
     merge_2x2,
 )
@@ -285,11 +286,11 @@ class SwinTransformerV2Block(WindowBlock):
         self.norm2 = LayerNorm(dim, init_scale=0.0, **kw)
         self.drop_path2 = _dropout(drop_path, rngs, broadcast_dims=(1, 2, 3))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, drop_path_keep: jax.Array | None = None) -> jax.Array:
         """``[B, H, W, C]`` -> ``[B, H, W, C]``."""
         x = materialize_grad(x)  # the gradient flowing out of this block is computed once (see its comment)
-        x = x + self.drop_path1(self.norm1(self._attn(x)))
-        return x + self.drop_path2(self.norm2(self.mlp(x)))
+        x = x + drop_path(self.drop_path1, self.norm1(self._attn(x)), drop_path_keep)
+        return x + drop_path(self.drop_path2, self.norm2(self.mlp(x)), drop_path_keep)
 
 
 class PatchMerging(nnx.Module):

@@ -34,7 +34,17 @@ from flax import nnx
 
 from .. import attention
 from ._base import SwinBase, trunk_args
-from ._layers import LayerNorm, Mlp, SwinStage, WindowBlock, _dropout, _torch_linear, materialize_grad, merge_2x2
+from ._layers import (
+    LayerNorm,
+    Mlp,
+    SwinStage,
+    WindowBlock,
+    _dropout,
+    _torch_linear,
+    drop_path,
+    materialize_grad,
+    merge_2x2,
+)
 from ._windows import Pair, calc_stage_window_sizes, resolve_window_args, to_2tuple
 from .swin_transformer_v2 import CosineWindowAttention
 
@@ -173,11 +183,11 @@ class SwinTransformerV2CrBlock(WindowBlock):
         self.drop_path2 = _dropout(drop_path, rngs, broadcast_dims=(1, 2, 3))
         self.norm3 = LayerNorm(dim, **kw) if extra_norm else None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, drop_path_keep: jax.Array | None = None) -> jax.Array:
         """``[B, H, W, C]`` -> ``[B, H, W, C]``."""
         x = materialize_grad(x)  # the gradient flowing out of this block is computed once (see its comment)
-        x = x + self.drop_path1(self.norm1(self._attn(x)))
-        x = x + self.drop_path2(self.norm2(self.mlp(x)))
+        x = x + drop_path(self.drop_path1, self.norm1(self._attn(x)), drop_path_keep)
+        x = x + drop_path(self.drop_path2, self.norm2(self.mlp(x)), drop_path_keep)
         return x if self.norm3 is None else self.norm3(x)
 
 
