@@ -233,7 +233,8 @@ def test_train_step_reduces_loss_and_eval_step():
     batch = _tiny_batch()
     model.eval()
     first = eval_step(model, batch)
-    assert float(first["loss"]) == pytest.approx(float(cross_entropy(model(batch[0]), batch[1], num_classes=10)))
+    logits = nnx.jit(lambda m, x: m(x))(model, batch[0])  # (jit: an eager forward compiles every op, ~5 s)
+    assert float(first["loss"]) == pytest.approx(float(cross_entropy(logits, batch[1], num_classes=10)))
     model.train()
     losses = [float(train_step(model, optimizer, batch, label_smoothing=0.1, num_classes=10)["loss"]) for _ in range(6)]
     assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < 0.9 * losses[0], losses
