@@ -21,8 +21,9 @@ against swin-jax's default fp32. Each row records the settings it ran with.
 
 Timing: warm-up calls, then the median of at least ``--repeats`` timed calls (and at least
 ``--min-time`` seconds of them), each ended by ``block_until_ready`` / ``torch.cuda.synchronize``.
-Compile time: jax's lower+compile, torch.compile's first call. Peak memory: device peak on GPU, the
-worker process' peak RSS on CPU.
+Compile time: jax's lower+compile (inference), the first call (training, both frameworks: trace, compile and
+one step; ``compile_less_step_s`` in the JSON takes the median step off it), torch.compile's first call. Peak
+memory: device peak on GPU, the worker process' peak RSS on CPU.
 
 Drift: this project's CPU machines change speed by 10-25% over minutes, enough to move a ratio taken from two
 rows run one after the other. ``--rounds N`` runs the whole list N times, every other round in reverse order;
@@ -672,6 +673,8 @@ def main(argv: list[str] | None = None) -> int:
             row["median_s"] = statistics.median(res["times"])
             row["img_s"] = batch / row["median_s"]
             row["times"] = res["times"]
+            if kind == "train" and "compile_s" in row:  # the first step's compile alone: less one step's time
+                row["compile_less_step_s"] = row["compile_s"] - row["median_s"]
         else:
             row["note"] = res.get("error", "")
         rows.append(row)
