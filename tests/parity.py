@@ -14,7 +14,7 @@ from flax import nnx
 from timm.models.swin_transformer_v2_cr import SwinTransformerV2Cr
 
 import swin_jax
-from swin_jax.convert.verify import timm_float64
+from swin_jax.convert.verify import rms_rel_err, timm_float64
 from swin_jax.train import cross_entropy
 
 # max|ours - timm| / max|timm| at fp32 on CPU
@@ -104,14 +104,6 @@ def rel_err(ours: Any, ref: Any) -> float:
     if ours.shape != ref.shape:
         raise AssertionError(f"shape mismatch: ours {ours.shape} vs timm {ref.shape}")
     return float(np.abs(ours - ref).max() / max(np.abs(ref).max(), 1e-30))
-
-
-def rms_rel_err(ours: Any, ref: Any) -> float:
-    """||ours - ref|| / ||ref|| (root mean square error relative to the root mean square of ``ref``)."""
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    if ours.shape != ref.shape:
-        raise AssertionError(f"shape mismatch: ours {ours.shape} vs timm {ref.shape}")
-    return float(np.sqrt(np.sum((ours - ref) ** 2) / max(np.sum(ref**2), 1e-300)))
 
 
 def assert_close(ours: Any, ref: Any, tol: float = FP32_REL_TOL, what: str = "output") -> float:

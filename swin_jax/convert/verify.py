@@ -6,8 +6,11 @@ with the checkpoint config's ``model_args``. Inputs: a real photo (``skimage.dat
 through swin_jax's eval transform) and a seeded random batch of 2.
 
 Swin V1 is compared with timm fp32 at :data:`REL_TOL`. SwinV2 and V2-CR scale cosine logits by up to 100, where fp32
-itself is not exact: they are compared with timm in float64, and may be as far from it as twice timm fp32's own
-distance (never less than :data:`REL_TOL`), per output.
+itself is not exact: they are compared with timm in float64. On the photo and on the random batch apart, swin_jax's
+root-mean-square error (:func:`rms_rel_err`, largest over the outputs) may be twice timm fp32's (never less than
+:data:`REL_TOL`), and no element may be off by more than :data:`FP32_MAX_REL_TOL`. The largest single deviation is not
+the judge there: it is a heavy-tailed draw (a row whose largest logits nearly tie), which on the tests' SwinV2 scattered
+from 0.3x to 4.1x timm fp32's for the same function, with the CPU's rounding deciding.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ __all__ = [
     "VerifyError",
     "timm_reference",
     "timm_float64",
+    "rms_rel_err",
     "verify_inputs",
     "compare",
     "verify",
@@ -40,8 +44,11 @@ __all__ = [
 
 # max|ours - timm| / max|timm| at fp32: the test suite's tolerance (tests/parity.py FP32_REL_TOL)
 REL_TOL = 1e-5
-# SwinV2: swin_jax fp32 may be this many times as far from timm float64 as timm fp32 is (tests/parity.py)
+# SwinV2: swin_jax fp32's root-mean-square error against timm float64 may be this many times timm fp32's
+# (tests/parity.py)
 FP32_VS_TIMM_FACTOR = 2.0
+# SwinV2: no element further than this from timm float64, relative to the output's largest value (tests/parity.py)
+FP32_MAX_REL_TOL = 1e-3
 TOP_K = 5
 
 
@@ -53,17 +60,16 @@ class VerifyError(Exception):
 class Report:
     """Per output: max abs and max relative difference on the photo and on the random batch; top-k on the photo.
 
-    ``tolerances`` (per row: photo, random) replace :data:`REL_TOL` where the reference is timm in float64.
+    Where the reference is timm in float64 (SwinV2, V2-CR), ``rms`` holds each output's root-mean-square relative
+    error (photo, random) and ``rms_bounds`` the bound on their largest (photo, random); see the module docstring.
     """
 
     rows: list[tuple[str, str, float, float, float, float]]  # name, shape, photo |Δ|, rel, random |Δ|, rel
     top_timm: list[int]
     top_ours: list[int]
-    tolerances: list[tuple[float, float]] | None = None
+    rms: list[tuple[float, float]] | None = None
+    rms_bounds: tuple[float, float] | None = None
     reference: str = "timm fp32"
-
-    def _tols(self) -> list[tuple[float, float]]:
-        return self.tolerances if self.tolerances is not None else [(REL_TOL, REL_TOL)] * len(self.rows)
 
     @property
     def max_rel(self) -> float:
@@ -76,32 +82,40 @@ class Report:
     @property
     def passed(self) -> bool:
         # written so that a NaN anywhere fails
-        return all(r[3] <= tp and r[5] <= tr for r, (tp, tr) in zip(self.rows, self._tols())) and self.top_agree
+        if self.rms is None:
+            return all(r[3] <= REL_TOL and r[5] <= REL_TOL for r in self.rows) and self.top_agree
+        within = all(rp <= self.rms_bounds[0] and rr <= self.rms_bounds[1] for rp, rr in self.rms)
+        guard = all(r[3] <= FP32_MAX_REL_TOL and r[5] <= FP32_MAX_REL_TOL for r in self.rows)
+        return within and guard and self.top_agree
 
     def table(self) -> str:
         """The comparison as a text table."""
-        if self.tolerances is None:
+        if self.rms is None:
             head = f"verify against {self.reference} (rel = max|Δ| / max|timm|, tolerance {REL_TOL:.0e})"
         else:
             head = (
-                f"verify against {self.reference} (rel = max|Δ| / max|timm|; tolerance per output: "
-                f"{FP32_VS_TIMM_FACTOR:g}x timm fp32's own rel diff, at least {REL_TOL:.0e})"
+                f"verify against {self.reference} (rel = max|Δ| / max|timm|, at most {FP32_MAX_REL_TOL:.0e}; "
+                f"rms = ||Δ|| / ||timm||, largest over the outputs at most {FP32_VS_TIMM_FACTOR:g}x timm fp32's, "
+                f"at least {REL_TOL:.0e}: photo {self.rms_bounds[0]:.3e}, random {self.rms_bounds[1]:.3e})"
             )
         lines = [
             head,
             f"{'output':<12}{'shape':>14}{'photo max|Δ|':>15}{'photo rel':>12}{'random max|Δ|':>15}{'random rel':>12}"
-            + ("" if self.tolerances is None else f"{'photo tol':>12}{'random tol':>12}"),
+            + ("" if self.rms is None else f"{'photo rms':>12}{'random rms':>12}"),
         ]
-        for (name, shape, pa, pr, ra, rr), (tp, tr) in zip(self.rows, self._tols()):
+        for i, (name, shape, pa, pr, ra, rr) in enumerate(self.rows):
             line = f"{name:<12}{shape:>14}{pa:>15.3e}{pr:>12.3e}{ra:>15.3e}{rr:>12.3e}"
-            lines.append(line + ("" if self.tolerances is None else f"{tp:>12.3e}{tr:>12.3e}"))
+            lines.append(line + ("" if self.rms is None else f"{self.rms[i][0]:>12.3e}{self.rms[i][1]:>12.3e}"))
         if self.top_timm:
             same = "same" if self.top_agree else "DIFFERENT"
             k = len(self.top_timm)
             lines.append(f"top-{k} on the photo: timm {self.top_timm}, swin_jax {self.top_ours}: {same}")
         verdict = "PASS" if self.passed else "FAIL"
-        tol = f"tolerance {REL_TOL:.0e}" if self.tolerances is None else "tolerances above"
-        lines.append(f"{verdict}: max rel diff {self.max_rel:.3e} ({tol})")
+        if self.rms is None:
+            lines.append(f"{verdict}: max rel diff {self.max_rel:.3e} (tolerance {REL_TOL:.0e})")
+        else:
+            worst = max(max(r) for r in self.rms)
+            lines.append(f"{verdict}: largest rms {worst:.3e}, max rel diff {self.max_rel:.3e} (bounds above)")
         return "\n".join(lines)
 
 
@@ -203,6 +217,14 @@ def _timm_outputs(tmodel: Any, x: np.ndarray) -> dict[str, np.ndarray]:
         }
 
 
+def rms_rel_err(ours: Any, ref: Any) -> float:
+    """``||ours - ref|| / ||ref||``: the root-mean-square error relative to the root mean square of ``ref``."""
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    if ours.shape != ref.shape:
+        return float("nan")
+    return float(np.sqrt(np.sum((ours - ref) ** 2) / max(float(np.sum(ref**2)), 1e-300)))
+
+
 def _diff(ours: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
     if ours.shape != ref.shape:
@@ -213,27 +235,30 @@ def _diff(ours: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
 
 def compare(model: swin_jax.SwinTransformer, tmodel: Any, x: np.ndarray) -> Report:
     """Compare swin_jax and timm on ``x`` (the photo first, then random images); see :class:`Report`. A SwinV2 or
-    V2-CR model is compared with timm in float64, within twice timm fp32's own distance from it (module docstring)."""
+    V2-CR model is compared with timm in float64 by root-mean-square error, against timm fp32's own (module
+    docstring)."""
     ours = jax.tree_util.tree_map(np.asarray, _jax_run(model, x))
     ref32 = _timm_outputs(tmodel, x)
     cosine = isinstance(model, (swin_jax.SwinTransformerV2, swin_jax.SwinTransformerV2Cr))
     ref = _timm_outputs(timm_float64(tmodel), x.astype(np.float64)) if cosine else ref32
-    rows, tolerances = [], []
+    parts = (slice(0, 1), slice(1, None))  # the photo, the random batch
+    rows, rms, timm_rms = [], [], []
     for name in ref:
         if name not in ours:
             rows.append((name, "missing", *(float("nan"),) * 4))
-            tolerances.append((REL_TOL, REL_TOL))
+            rms.append((float("nan"), float("nan")))
             continue
         shape = "x".join(map(str, ref[name].shape[1:]))
-        rows.append((name, shape, *_diff(ours[name][:1], ref[name][:1]), *_diff(ours[name][1:], ref[name][1:])))
-        timm_own = (_diff(ref32[name][:1], ref[name][:1])[1], _diff(ref32[name][1:], ref[name][1:])[1])
-        tolerances.append(tuple(max(FP32_VS_TIMM_FACTOR * e, REL_TOL) for e in timm_own))
+        rows.append((name, shape, *(d for p in parts for d in _diff(ours[name][p], ref[name][p]))))
+        rms.append(tuple(rms_rel_err(ours[name][p], ref[name][p]) for p in parts))
+        timm_rms.append(tuple(rms_rel_err(ref32[name][p], ref[name][p]) for p in parts))
     k = min(TOP_K, model.num_classes)
     top_timm = [int(i) for i in np.argsort(-ref["logits"][0], kind="stable")[:k]]
     top_ours = [int(i) for i in np.argsort(-ours["logits"][0], kind="stable")[:k]]
     if not cosine:
         return Report(rows, top_timm, top_ours)
-    return Report(rows, top_timm, top_ours, tolerances=tolerances, reference="timm float64")
+    bounds = tuple(max(FP32_VS_TIMM_FACTOR * max((t[i] for t in timm_rms), default=0.0), REL_TOL) for i in range(2))
+    return Report(rows, top_timm, top_ours, rms=rms, rms_bounds=bounds, reference="timm float64")
 
 
 def verify(model: swin_jax.SwinTransformer, source: Source) -> Report:
