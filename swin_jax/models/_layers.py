@@ -283,16 +283,16 @@ def _scan_signature(group: tuple[nnx.Module, ...]) -> Any:
     return nnx.graphdef(copy)
 
 
-def _keeps(group: tuple[nnx.Module, ...], dtype: Any) -> list[float] | None:
+def _keeps(group: tuple[nnx.Module, ...]) -> list[float] | None:
     """Each block's keep probability ``1 - rate`` (its two drop paths share the rate), or None where a traced keep
     would not reproduce the module's own arithmetic: a rate of 1 (the module returns zeros) or a keep whose float32
-    value rounds to ``dtype`` differently than the Python float does."""
+    value rounds to a 16-bit compute dtype differently than the Python float does."""
     keeps = []
     for block in group:
         if block.drop_path1.rate != block.drop_path2.rate or block.drop_path1.rate >= 1.0:
             return None
         keep = 1.0 - block.drop_path1.rate
-        if np.asarray(np.float32(keep), dtype) != np.asarray(keep, dtype):
+        if any(np.asarray(np.float32(keep), t) != np.asarray(keep, t) for t in (jnp.bfloat16, jnp.float16)):
             return None
         keeps.append(keep)
     return keeps
@@ -343,7 +343,7 @@ def run_blocks(blocks: Sequence[nnx.Module], x: jax.Array, *, remat: bool = Fals
         j = i + 1
         while j < len(groups) and signatures[j] == signatures[i]:
             j += 1
-        keeps = [_keeps(g, x.dtype) for g in groups[i:j]]
+        keeps = [_keeps(g) for g in groups[i:j]]
         if j - i >= 2 and all(k is not None for k in keeps):
             x = _scan_groups(groups[i:j], keeps, x, call)
         else:
