@@ -10,13 +10,13 @@
 #   2. training step, bf16, batch 64: swin-jax TrainStep (traced: device busy fraction) against timm +
 #      torch.compile, then timm + torch.compile with fused attention (TIMM_FUSED_ATTN=2);
 #   3. inference, bf16, batch 256: swin-jax (traced) against the two timm torch.compile rows, with the
-#      bf16 matmul peak measured in the same run;
+#      bf16 matmul peak measured in the same run; then swin-jax with scanned blocks (does it cut the 39 s compile?);
 #   4. parity of every attention implementation on the GPU (fp32 at 'highest' and bf16, a small Swin), then
 #      SwinV2-T and SwinV2-CR-T against timm float64 (fp32 at 'highest' and at jax's default precision);
 #   5. inference, bf16, each attention implementation (xla, cudnn, pallas) at batch 256, then 64 and 1;
 #   6. the same bf16 training step with the per-block backward cut forced on (SWIN_JAX_BACKWARD_CUT=always:
 #      does the fusion problem it fixes on the CPU exist on the GPU?);
-#   7. compile time with each stage's repeated blocks as one scan (set_scan_blocks), bf16 inference and training;
+#   7. the bf16 training step with each stage's repeated blocks as one scan (set_scan_blocks): its compile time;
 #   8. host time per training-step call (benchmarks/host_time.py), then fp32 training like-for-like;
 #   9. XLA flag variants of bf16 inference at batch 256, one try each: no command buffers, cuDNN layer norm,
 #      autotune level 0.
@@ -42,7 +42,7 @@ cat "$out/env.txt"
 bench --no-peak --profile --train-batch ${TRAIN_BATCH:-64} --out "$out/train-bf16.json" --variants \
     jax-train-bf16 timm-train-compile-bf16 timm-train-compile-bf16-fused
 bench --profile --batches ${INFER_BATCH:-256} --train-batch 0 --out "$out/infer-bf16.json" --variants \
-    jax-bf16 timm-compile-bf16-fused timm-compile-bf16
+    jax-bf16 timm-compile-bf16-fused timm-compile-bf16 jax-bf16-scan
 [ "$(left)" -gt 60 ] && timeout "$(left)" python benchmarks/gpu_parity.py --model swin_tiny_patch4_window7_224 \
     --batch 4 --attn-impls auto xla cudnn pallas --out "$out/parity-attn.json"
 for pair in v2:swinv2_tiny_window8_256 v2cr:swinv2_cr_tiny_ns_224; do
@@ -53,8 +53,7 @@ bench --no-peak --batches ${INFER_BATCH:-256} ${SMALL_BATCHES:-64 1} --train-bat
     --variants jax-bf16@xla jax-bf16@cudnn jax-bf16@pallas
 bench --no-peak --profile --train-batch ${TRAIN_BATCH:-64} --out "$out/train-bf16-cut.json" --variants \
     jax-train-bf16-cut
-bench --no-peak --batches ${INFER_BATCH:-256} --train-batch ${TRAIN_BATCH:-64} --out "$out/scan-bf16.json" \
-    --variants jax-bf16-scan jax-train-bf16-scan
+bench --no-peak --train-batch ${TRAIN_BATCH:-64} --out "$out/scan-bf16.json" --variants jax-train-bf16-scan
 [ "$(left)" -gt 60 ] && timeout "$(left)" python benchmarks/host_time.py --model "$model" --out "$out/host_time.json"
 bench --no-peak --profile --train-batch ${TRAIN_BATCH:-64} --out "$out/train-fp32.json" --variants \
     jax-train-fp32 timm-train-compile-fp32
