@@ -338,8 +338,9 @@ class SwinBase(nnx.Module):
     def set_scan_blocks(self, enable: bool = True) -> None:
         """Run each stage's repeated pairs of blocks as one ``lax.scan`` over their stacked parameters
         (:func:`swin_jax.models._layers.run_blocks`): the compiled program holds one pair of blocks per stage
-        instead of all of them, so it compiles faster (Swin-B's training step: BENCHMARKS.md). The same function
-        (drop path masks included); the parameter tree, and so the timm mapping and checkpoints, are unchanged."""
+        instead of all of them. On the CPU that did not compile Swin-B's training step faster, and the step ran 10%
+        slower (BENCHMARKS.md), so it is off by default; the GPU check measures it there. The same function (drop
+        path masks included); the parameter tree, and so the timm mapping and checkpoints, are unchanged."""
         for stage in self.stage_modules:
             stage.scan_blocks = enable
 

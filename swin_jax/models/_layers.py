@@ -302,8 +302,8 @@ def _scan_groups(groups: list[tuple[nnx.Module, ...]], keeps: list[list[float]],
     """``groups`` (equal signatures) in order as one ``lax.scan``: their parameters stacked along a new leading axis
     inside the traced program (the modules, and so the parameter tree, stay as they are), the drop path keep
     probabilities as data, and the other state (drop path RNG streams) carried out and written back."""
-    graphdef, _, _ = nnx.split(groups[0], nnx.Param, ...)
-    params, rest = zip(*(nnx.split(g, nnx.Param, ...)[1:] for g in groups))
+    graphdefs, params, rest = zip(*(nnx.split(g, nnx.Param, ...) for g in groups))
+    graphdef = graphdefs[0]
     stacked = jax.tree.map(lambda *a: jnp.stack(a), *params), jax.tree.map(lambda *a: jnp.stack(a), *rest)
     active = any(not b.drop_path1.deterministic and b.drop_path1.rate > 0 for b in groups[0])
 
