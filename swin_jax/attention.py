@@ -50,6 +50,8 @@ __all__ = [
     "resolve",
     "target_platform",
     "lowering_for",
+    "softmax",
+    "add_bias",
     "attention_probs",
     "softmax_attention",
     "window_attention",
@@ -112,6 +114,52 @@ def resolve(name: str, platform: str | None = None) -> str:
     return name
 
 
+@jax.custom_jvp
+def softmax(x: jax.Array) -> jax.Array:
+    """``jax.nn.softmax`` over the last axis (the same forward computation), differentiated as ``y * (ẋ - Σ y ẋ)``.
+
+    Its backward pass keeps only the output ``y``. ``jax.nn.softmax``'s derivative differentiates the exponential and
+    the normalizing sum instead (unless ``jax_softmax_custom_jvp`` is set globally): on the CPU that kept more
+    ``[windows, heads, N, N]`` tensors and made Swin-B's fp32 training step ~6% slower (BENCHMARKS.md).
+    """
+    return jax.nn.softmax(x, axis=-1)
+
+
+@softmax.defjvp
+def _softmax_jvp(primals: tuple[jax.Array], tangents: tuple[jax.Array]) -> tuple[jax.Array, jax.Array]:
+    (x,), (t,) = primals, tangents
+    y = softmax(x)
+    return y, y * (t - jnp.sum(y * t, axis=-1, keepdims=True))
+
+
+@jax.custom_jvp
+def add_bias(s: jax.Array, bias: jax.Array) -> jax.Array:
+    """``s + bias[None]``: the position bias ``[heads, N, N]`` added to every window's logits ``[B * nW, heads, N, N]``.
+
+    The bias' gradient is the sum of the logits' gradient over the windows. XLA:CPU's reduction over a short leading
+    axis of a large tensor is pathologically slow (Swin-B stage 3's ``[32, 16, 49, 49]``: 7 ms, against 0.1 ms as a
+    product with a vector of ones; with the product Swin-B's fp32 training step is 2.4% faster, BENCHMARKS.md). So
+    when lowering for the CPU the broadcast's tangent is a product with ones (exact: "highest" precision, each term
+    times 1), and its transpose, the gradient, a product too. Values are those of ``s + bias[None]``; the gradient
+    differs from a ``jnp.sum`` by summation order only.
+    """
+    return s + bias[None]
+
+
+@add_bias.defjvp
+def _add_bias_jvp(primals: tuple[jax.Array, jax.Array], tangents: tuple[jax.Array, jax.Array]):
+    (s, bias), (ds, dbias) = primals, tangents
+    n = s.shape[0]
+
+    def by_dot(t: jax.Array) -> jax.Array:
+        return jnp.einsum("w,...->w...", jnp.ones(n, t.dtype), t, precision=jax.lax.Precision.HIGHEST)
+
+    def by_broadcast(t: jax.Array) -> jax.Array:
+        return jnp.broadcast_to(t[None], (n, *t.shape))
+
+    return add_bias(s, bias), ds + jax.lax.platform_dependent(dbias, cpu=by_dot, default=by_broadcast)
+
+
 def attention_probs(q, k, bias, mask: np.ndarray | None, logit_scale=None) -> jax.Array:
     """Attention probabilities ``softmax(q·kᵀ [* logit_scale] + bias [+ mask])`` as timm computes them: q·kᵀ in the
     compute dtype, the scale, then the bias, then the mask added to the logits, softmax in float32 or wider.
@@ -129,10 +177,10 @@ def attention_probs(q, k, bias, mask: np.ndarray | None, logit_scale=None) -> ja
     s = jnp.einsum("btnh,bsnh->bnts", q, k)
     if logit_scale is not None:
         s = s * logit_scale.astype(s.dtype)[None, :, None, None]
-    s = s + bias.astype(s.dtype)[None]
+    s = add_bias(s, bias.astype(s.dtype))
     if mask is not None:
         s = (s.reshape(-1, mask.shape[0], heads, n, n) + jnp.asarray(mask, s.dtype)[None, :, None]).reshape(s.shape)
-    return jax.nn.softmax(s.astype(jnp.promote_types(s.dtype, jnp.float32)), axis=-1)
+    return softmax(s.astype(jnp.promote_types(s.dtype, jnp.float32)))
 
 
 def softmax_attention(q, k, v, bias, mask: np.ndarray | None, logit_scale=None) -> jax.Array:
@@ -288,7 +336,7 @@ def _reference(q, k, v, full) -> jax.Array:
     nwb = full.shape[0]
     s = jnp.einsum("bhqd,bhkd->bhqk", q, k)
     s = (s.reshape(-1, nwb, heads, n_pad, n_pad) + full.astype(s.dtype)).reshape(bw, heads, n_pad, n_pad)
-    p = jax.nn.softmax(s.astype(jnp.float32), axis=-1).astype(v.dtype)
+    p = softmax(s.astype(jnp.float32)).astype(v.dtype)
     return jnp.einsum("bhqk,bhkd->bhqd", p, v)
 
 
