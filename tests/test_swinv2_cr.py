@@ -313,6 +313,6 @@ def test_bfloat16_compute_and_gradient_checkpointing():
         return str(jax.make_jaxpr(lambda s: nnx.value_and_grad(loss_fn)(nnx.merge(graphdef, s)))(nnx.state(model)))
 
     assert all(isinstance(stage, SwinStage) for stage in model.stages)
-    assert "remat" not in jaxpr()
+    plain = jaxpr().count("remat")  # the MLPs' GELU is always recomputed; checkpointing adds one remat per block
     model.set_grad_checkpointing(True)
-    assert "remat" in jaxpr()
+    assert jaxpr().count("remat") > plain
