@@ -32,7 +32,7 @@ _ROUNDED = ("dot_general", "conv_general_dilated")
 # primitives whose sub-program is the computation itself (evaluated inline, with the same rounding)
 _INLINED = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr"}
 _INLINED |= {"custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr", "custom_vjp_call_jaxpr": "fun_jaxpr"}
-_INLINED |= {"checkpoint": "jaxpr", "remat": "jaxpr"}
+_INLINED |= {"checkpoint": "jaxpr", "remat": "jaxpr", "remat2": "jaxpr"}  # remat2: jax.checkpoint (the MLP's GELU)
 
 
 def round_to_tf32(x: jax.Array) -> jax.Array:

@@ -83,8 +83,9 @@ def test_tf32_emulation_rounds_default_precision_matmul_inputs_only():
     )
 
     @jax.jit
-    def inner(a, b):  # a nested jit and a custom_jvp function are followed
-        return jax.nn.gelu(a, approximate=False) @ b.T, jnp.dot(a, b.T, precision="highest")
+    def inner(a, b):  # a nested jit, a custom_jvp function and jax.checkpoint (remat) are followed
+        gelu = jax.checkpoint(functools.partial(jax.nn.gelu, approximate=False))
+        return gelu(a) @ b.T, jnp.dot(a, b.T, precision="highest")
 
     def fn(args):
         default, highest = inner(*args["ab"])
