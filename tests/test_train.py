@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import re
 
 import jax
@@ -400,7 +401,10 @@ def test_mlp_keeps_two_hidden_size_tensors_for_the_backward(capsys):
     graphdef, state = nnx.split(mlp)
     capsys.readouterr()
     print_saved_residuals(lambda s, x: nnx.merge(graphdef, s)(x).sum(), state, jnp.ones((2, 5, 8)))
-    assert capsys.readouterr().out.count("f32[2,5,32]") == 2
+    shapes = re.findall(r"^f32\[([\d,]+)\]", capsys.readouterr().out, re.M)
+    # Linear folds leading axes, so a tensor may be kept as [2, 5, 32] or [10, 32]
+    hidden = [s for s in shapes if s.endswith(",32") and math.prod(map(int, s.split(","))) == 2 * 5 * 32]
+    assert len(hidden) == 2, shapes
 
 
 def _scans(model: nnx.Module, x: jax.Array) -> int:

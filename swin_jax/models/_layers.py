@@ -25,6 +25,7 @@ __all__ = [
     "LN_EPS",
     "POOL_TYPES",
     "LayerNorm",
+    "Linear",
     "PatchEmbed",
     "Mlp",
     "ClassifierHead",
@@ -178,9 +179,27 @@ class LayerNorm(nnx.LayerNorm):
         return y if self.out_dtype is None else y.astype(self.out_dtype)
 
 
+class Linear(nnx.Linear):
+    """``nnx.Linear`` with the leading axes folded into one around its matmul: ``[..., din]`` is multiplied as
+    ``[n, din]``. Same values, same parameters.
+
+    Why: the kernel's gradient is then one rank-2 dot contracting axis 0 of both operands, which XLA:CPU runs as
+    it is. With ``[B, H, W, din]`` or ``[B * nW, N, din]`` inputs it contracts several axes, and XLA moves them
+    last: a transpose, fused into whatever produced the tensor (LayerNorm's backward, the residual sum), which then
+    writes its output with a stride. Swin-B's fp32 training step on the CPU was 6.6% slower that way
+    (BENCHMARKS.md). A reshape of leading axes is free on every backend.
+    """
+
+    def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
+        if inputs.ndim <= 2 or out_sharding is not None:
+            return super().__call__(inputs, out_sharding=out_sharding)
+        y = super().__call__(inputs.reshape(-1, inputs.shape[-1]))
+        return y.reshape(*inputs.shape[:-1], y.shape[-1])
+
+
 def _linear(din: int, dout: int, *, use_bias: bool = True, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Linear:
     # timm's init for Swin Linear layers: trunc_normal(std=.02) weights, zero bias
-    return nnx.Linear(
+    return Linear(
         din, dout, use_bias=use_bias, kernel_init=_trunc_normal_02, dtype=dtype, param_dtype=param_dtype, rngs=rngs
     )
 
@@ -196,7 +215,7 @@ def _torch_linear_bias(fan_in: int) -> Callable[..., jax.Array]:
 
 def _torch_linear(din: int, dout: int, *, use_bias: bool = True, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Linear:
     """A Linear with torch's default init (weight and bias ``U(+-1/sqrt(fan_in))``), as SwinV2-CR keeps them."""
-    return nnx.Linear(
+    return Linear(
         din,
         dout,
         use_bias=use_bias,
