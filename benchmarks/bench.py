@@ -29,6 +29,11 @@ Drift: this project's CPU machines change speed by 10-25% over minutes, enough t
 rows run one after the other. ``--rounds N`` runs the whole list N times, every other round in reverse order;
 each round's ratios pair rows of that round, and the summary gives each ratio's median and range over rounds.
 
+Huge pages (CPU, Linux): a ``-thp`` row (named in ``--variants``) runs its worker with its framework's switch for
+transparent huge pages: ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` for swin-jax, ``THP_MEM_ALLOC_ENABLE=1`` for
+torch. swin-jax's ``-thp`` rows are compared with timm's default rows (``vs_timm_eager``) and with timm's own
+``-thp`` rows (``vs_timm_eager_thp``).
+
 The JSON is rewritten after every row, so a run that is stopped keeps the rows it finished. A long
 GPU run can be split (``--variants``, ``--batches``, ``--train-batch``, ``--out``) and the parts joined
 with ``--merge``, which recomputes the ratios only between rows measured on the same device (same GPU
@@ -65,6 +70,12 @@ CUT_EXTRA = ["jax-train-bf16-cut", "jax-train-fp32-cut"]
 # swin-jax with each stage's repeated blocks as one lax.scan (model.set_scan_blocks(True)): fewer kernels to
 # compile; run when named in --variants
 SCAN_EXTRA = ["jax-fp32-scan", "jax-bf16-scan", "jax-train-fp32-scan", "jax-train-bf16-scan"]
+# transparent huge pages for the process' large allocations (CPU, Linux with glibc >= 2.35), each framework by its
+# own switch: swin-jax rows run with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (XLA:CPU allocates a step's temporaries,
+# ~2 GB for Swin-B training, as one block per call, fresh pages each time), timm rows with torch's
+# THP_MEM_ALLOC_ENABLE=1. Run when named in --variants
+THP_EXTRA = ["jax-fp32-thp", "jax-train-fp32-thp", "timm-eager-fp32-thp", "timm-train-eager-fp32-thp"]
+THP_ENV = {"jax": {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}, "timm": {"THP_MEM_ALLOC_ENABLE": "1"}}
 # swin-jax with an explicit attention implementation (create_model(attn_impl=...); the plain rows run 'auto'):
 # VARIANT@IMPL, run when named in --variants
 ATTN_EXTRA = [
@@ -113,6 +124,10 @@ REFS["jax-train-bf16-cut"] = REFS["jax-train-bf16"]
 REFS["jax-train-fp32-cut"] = REFS["jax-train-fp32"]
 for _scanned in SCAN_EXTRA:
     REFS[_scanned] = REFS[_scanned.removesuffix("-scan")]
+for _thp in ("jax-fp32-thp", "jax-train-fp32-thp"):  # against timm's default rows, and timm with its own THP switch
+    _base = _thp.removesuffix("-thp")
+    _eager = REFS[_base]["vs_timm_eager"]
+    REFS[_thp] = {"vs_timm_eager": _eager, "vs_timm_eager_thp": _eager + "-thp"}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -200,7 +215,7 @@ def _jax_worker(
 ) -> dict:
     if variant.endswith("-cut"):  # read when the step is traced
         os.environ["SWIN_JAX_BACKWARD_CUT"] = "always"
-    variant = variant.removesuffix("-cut")
+    variant = variant.removesuffix("-thp").removesuffix("-cut")  # -thp: set in the worker's environment
     scan = variant.endswith("-scan")
     variant = variant.removesuffix("-scan")
     variant, _, attn_impl = variant.partition("@")
@@ -231,6 +246,7 @@ def _jax_worker(
 
     out["settings"]["attn_impl"] = f"{attn_impl or 'auto'} (runs {resolve(attn_impl or 'auto')})"
     out["settings"]["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "")
+    out["settings"]["GLIBC_TUNABLES"] = os.environ.get("GLIBC_TUNABLES", "")
     out["settings"]["scan_blocks"] = scan
     if not train:
         forward = swin_jax.compile_forward(model)
@@ -266,6 +282,7 @@ def _jax_worker(
 
 
 def _timm_worker(variant: str, model_name: str, batch: int, warmup: int, repeats: int, min_time: float) -> dict:
+    variant = variant.removesuffix("-thp")  # set in the worker's environment
     fused = variant.endswith("-fused")
     if fused:  # read by timm at import: Swin's WindowAttention uses F.scaled_dot_product_attention
         os.environ["TIMM_FUSED_ATTN"] = "2"
@@ -292,6 +309,7 @@ def _timm_worker(variant: str, model_name: str, batch: int, warmup: int, repeats
             "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
             "autocast_bf16": bf16,
             "TIMM_FUSED_ATTN": os.environ.get("TIMM_FUSED_ATTN"),
+            "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
             "attention_modules_fused": sum(bool(m.fused_attn) for m in fused_modules),
             "attention_modules": len(fused_modules),
         }
@@ -431,6 +449,7 @@ def _run_worker(variant: str, args: argparse.Namespace, batch: int = 1) -> dict:
     cmd += ["--warmup", str(args.warmup), "--repeats", str(args.repeats), "--min-time", str(args.min_time or 0.0)]
     cmd += ["--profile"] if args.profile else []
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env.update(worker_env(variant, env))
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT)
     except subprocess.TimeoutExpired:
@@ -440,6 +459,17 @@ def _run_worker(variant: str, args: argparse.Namespace, batch: int = 1) -> dict:
             return json.loads(line[len("RESULT ") :])
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
     return {"error": " | ".join(tail) or f"exit code {proc.returncode}"}
+
+
+def worker_env(variant: str, env: dict[str, str]) -> dict[str, str]:
+    """The environment variables a variant's worker adds (read at process start): for ``-thp`` rows, the
+    framework's switch for transparent huge pages (``THP_ENV``); glibc tunables already set are kept."""
+    if not variant.endswith("-thp"):
+        return {}
+    add = dict(THP_ENV["jax" if variant.startswith("jax") else "timm"])
+    if "GLIBC_TUNABLES" in add and env.get("GLIBC_TUNABLES"):
+        add["GLIBC_TUNABLES"] = env["GLIBC_TUNABLES"] + ":" + add["GLIBC_TUNABLES"]
+    return add
 
 
 def _device_key(device: dict) -> str:
@@ -633,13 +663,14 @@ def main(argv: list[str] | None = None) -> int:
     infer = INFER + (INFER_GPU + (INFER_GPU_EXTRA if args.variants else []) if gpu else [])
     train = (TRAIN + (TRAIN_GPU if gpu else [])) if train_batch else []
     if args.variants:
-        infer += [v for v in FUSED_EXTRA + ATTN_EXTRA + SCAN_EXTRA if "train" not in v]
-        train += [v for v in FUSED_EXTRA + CUT_EXTRA + ATTN_EXTRA + SCAN_EXTRA if "train" in v] if train_batch else []
+        extra = FUSED_EXTRA + CUT_EXTRA + ATTN_EXTRA + SCAN_EXTRA + THP_EXTRA
+        infer += [v for v in extra if "train" not in v]
+        train += [v for v in extra if "train" in v] if train_batch else []
     if args.rounds < 1:
         p.error(f"--rounds must be at least 1, got {args.rounds}")
     if args.variants:
         known = INFER + INFER_GPU + INFER_GPU_EXTRA + TRAIN + TRAIN_GPU
-        known += FUSED_EXTRA + CUT_EXTRA + ATTN_EXTRA + SCAN_EXTRA
+        known += FUSED_EXTRA + CUT_EXTRA + ATTN_EXTRA + SCAN_EXTRA + THP_EXTRA
         unknown = set(args.variants) - set(known)
         if unknown:
             p.error(f"unknown variants: {sorted(unknown)}")

@@ -63,6 +63,29 @@ def test_rounds_pair_rows_of_their_own_round_and_summarize():
     assert "| infer | jax-fp32 | 8 | 3 | 5.00 | 1.20 (0.80-1.25) |" in bench._summary_table([ours, timm])
 
 
+def test_thp_rows_get_their_framework_switch_and_both_timm_ratios():
+    """-thp rows: each framework's own huge-page switch in the worker's environment (glibc tunables already set are
+    kept), and a swin-jax -thp row is compared with timm's default row and with timm's own -thp row."""
+    assert bench.worker_env("jax-train-fp32", {}) == {}
+    assert bench.worker_env("jax-train-fp32-thp", {}) == {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    assert bench.worker_env("jax-fp32-thp", {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}) == {
+        "GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    }
+    assert bench.worker_env("timm-train-eager-fp32-thp", {}) == {"THP_MEM_ALLOC_ENABLE": "1"}
+    part = {"device": {"backend": "cpu", "host": "h", "cpu_model": "m"}}
+    rows = [
+        {"kind": "train", "variant": v, "batch": 8, "img_s": img_s}
+        for v, img_s in (
+            ("jax-train-fp32-thp", 1.8),
+            ("timm-train-eager-fp32", 1.6),
+            ("timm-train-eager-fp32-thp", 1.5),
+        )
+    ]
+    bench._finish_rows(rows, [part], None)
+    assert rows[0]["vs_timm_eager"] == pytest.approx(1.8 / 1.6)
+    assert rows[0]["vs_timm_eager_thp"] == pytest.approx(1.8 / 1.5)
+
+
 def test_tf32_emulation_rounds_default_precision_matmul_inputs_only():
     import jax
     import jax.numpy as jnp
