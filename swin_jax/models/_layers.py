@@ -1,5 +1,6 @@
 """Layers every Swin family shares, with timm's names and initializers: the patch embedding, LayerNorm as
-torch runs it, the MLP, the classifier head, and the base of a windowed-attention block.
+torch runs it, Linear (folding leading axes around its matmul, for a backward XLA:CPU runs without strided
+transposes), the MLP, the classifier head, and the base of a windowed-attention block.
 
 Also the backward-pass cut at each block input (:func:`materialize_grad`), which keeps XLA:CPU's backward
 linear in the number of blocks, LayerNorm's closed-form derivative (:func:`layer_norm`) and the MLP's GELU
