@@ -65,6 +65,11 @@ def trunk_args(arguments: dict[str, Any]) -> dict[str, Any]:
     return {name: arguments[name] for name in TRUNK_ARGS}
 
 
+def _reduction(patch_size: tuple[int, int], stage: int) -> int:
+    """A stage's feature stride, as timm's ``feature_info`` gives it: the patch size times 2 per patch merging."""
+    return max(patch_size) * 2**stage
+
+
 class SwinBase(nnx.Module):
     """Base of the Swin models: NHWC in and out, the stages in ``self.layers`` (``self.stages`` for SwinV2-CR, as timm
     names them; :attr:`stage_modules` either way), each with ``blocks``, each block with ``attn``. Subclasses build
@@ -143,7 +148,7 @@ class SwinBase(nnx.Module):
         dpr = [rates[sum(depths[:i]) : sum(depths[: i + 1])].tolist() for i in range(num_layers)]
 
         self.feature_info = [
-            dict(num_chs=dims[i], reduction=max(self.patch_size) * 2**i, module=f"{self.stages_attr}.{i}")
+            dict(num_chs=dims[i], reduction=_reduction(self.patch_size, i), module=f"{self.stages_attr}.{i}")
             for i in range(num_layers)
         ]
         if features_only:
@@ -354,7 +359,7 @@ class SwinBase(nnx.Module):
         conv.kernel_shape = resampled.shape
         self.patch_embed.patch_size = self.patch_size = patch
         for i, info in enumerate(self.feature_info):
-            info["reduction"] = max(patch) * 2**i
+            info["reduction"] = _reduction(patch, i)
 
     def set_input_size(
         self,
