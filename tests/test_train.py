@@ -31,7 +31,7 @@ from parity import (
 
 import swin_jax
 from swin_jax import attention
-from swin_jax.models._layers import Mlp, layer_norm
+from swin_jax.models._layers import Linear, Mlp, layer_norm
 from swin_jax.train import (
     EMA,
     TrainStep,
@@ -405,6 +405,23 @@ def test_mlp_keeps_two_hidden_size_tensors_for_the_backward(capsys):
     # Linear folds leading axes, so a tensor may be kept as [2, 5, 32] or [10, 32]
     hidden = [s for s in shapes if s.endswith(",32") and math.prod(map(int, s.split(","))) == 2 * 5 * 32]
     assert len(hidden) == 2, shapes
+
+
+@pytest.mark.parametrize("cls", [Linear, nnx.Linear])
+def test_linear_kernel_gradient_is_computed_without_a_transpose(cls):
+    """``Linear`` folds the leading axes of its input, so its kernel's gradient is one rank-2 dot that XLA:CPU runs
+    as it is. ``nnx.Linear`` on a ``[B, H, W, C]`` input leaves a transpose in the compiled gradient, which XLA fuses
+    into the input's producer (here LayerNorm), reading with a stride: Swin-B's step was 6.6% slower."""
+    graphdef, state = nnx.split(cls(8, 16, rngs=nnx.Rngs(0)))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 6, 6, 8)), jnp.float32)
+
+    def loss(state, x):
+        return jnp.sum(jnp.sin(nnx.merge(graphdef, state)(layer_norm(x, jnp.ones(8), jnp.zeros(8), 1e-5))))
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    transposes = grad.lower(state, x).compile().as_text().count(" transpose(")
+    assert transposes == (0 if cls is Linear else 1)
+    np.testing.assert_allclose(cls(8, 16, rngs=nnx.Rngs(0))(x), nnx.Linear(8, 16, rngs=nnx.Rngs(0))(x), rtol=1e-6)
 
 
 def _scans(model: nnx.Module, x: jax.Array) -> int:
