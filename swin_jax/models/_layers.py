@@ -187,8 +187,9 @@ class Linear(nnx.Linear):
     Why: the kernel's gradient is then one rank-2 dot contracting axis 0 of both operands, which XLA:CPU runs as
     it is. With ``[B, H, W, din]`` or ``[B * nW, N, din]`` inputs it contracts several axes, and XLA moves them
     last: a transpose, fused into whatever produced the tensor (LayerNorm's backward, the residual sum), which then
-    writes its output with a stride. Swin-B's fp32 training step on the CPU was 6.6% slower that way
-    (BENCHMARKS.md). A reshape of leading axes is free on every backend.
+    reads its inputs with a stride. Swin-B's fp32 training step on the CPU was 6.6% slower that way
+    (BENCHMARKS.md). Folding leading axes is a bitcast on the CPU and the GPU; on a TPU, whose layouts tile the
+    last two axes, it may need a relayout where the folded axis is not a multiple of 8 (not measured).
     """
 
     def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
