@@ -122,10 +122,12 @@ def _materialize_grad_jvp(primals: tuple[jax.Array], tangents: tuple[jax.Array])
     return x, jax.lax.platform_dependent(t, cpu=_identity_rows, default=lambda t: t)
 
 
-def _ln_stats(x: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
-    """``x - mean`` and ``rsqrt(var + eps)`` over the last axis, two-pass, as ``nnx.LayerNorm`` computes them."""
+def _normalize(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> tuple[jax.Array, ...]:
+    """LayerNorm's output with the two statistics it needs: ``(y, x - mean, rsqrt(var + eps))`` over the last axis,
+    two-pass variance, as ``nnx.LayerNorm`` computes them (the one formula of :func:`layer_norm` and its rule)."""
     centered = x - x.mean(-1, keepdims=True)
-    return centered, jax.lax.rsqrt(jax.lax.square(centered).mean(-1, keepdims=True) + eps)
+    r = jax.lax.rsqrt(jax.lax.square(centered).mean(-1, keepdims=True) + eps)
+    return centered * (r * scale) + bias, centered, r
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
@@ -138,15 +140,13 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> j
     full-size product ``rsqrt(var + eps) * scale``: Swin-B's fp32 training step on the CPU was 2.7% slower and its
     temporaries 0.24 GB larger (BENCHMARKS.md). Gradients differ from flax's by rounding only.
     """
-    centered, r = _ln_stats(x, eps)
-    return centered * (r * scale) + bias
+    return _normalize(x, scale, bias, eps)[0]
 
 
 @layer_norm.defjvp
 def _layer_norm_jvp(eps: float, primals: tuple[jax.Array, ...], tangents: tuple[jax.Array, ...]):
     (x, scale, bias), (dx, dscale, dbias) = primals, tangents
-    centered, r = _ln_stats(x, eps)
-    y = centered * (r * scale) + bias
+    y, centered, r = _normalize(x, scale, bias, eps)
     xhat = centered * r
     dxhat = r * (dx - dx.mean(-1, keepdims=True) - xhat * (xhat * dx).mean(-1, keepdims=True))
     return y, dxhat * scale + xhat * dscale + dbias
