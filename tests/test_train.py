@@ -516,6 +516,47 @@ def test_fast_train_step_equals_train_step_with_ema_and_accumulation():
     assert moved > 0  # the EMA did fold the trained parameters in
 
 
+def test_several_steps_per_call_equal_single_calls_to_the_bit():
+    """TrainStep.run(batches stacked [K, ...]) is K calls of the same step in order: with drop path, EMA,
+    gradient accumulation and soft targets, the losses, the parameters, the optimizer state and the EMA equal
+    those of K single calls to the bit (the scan runs the single step's computation). A second call carries on
+    from the first."""
+    kw = dict(lr=2e-3, layer_decay=0.75, total_steps=20, clip_grad_norm=1.0, grad_accum_steps=2)
+    batches = [_tiny_batch(seed=s) for s in range(6)]
+    batches[3] = (batches[3][0], jax.nn.one_hot(batches[3][1], 10) * 0.9 + 0.01)  # soft targets
+    batches = [(x, jax.nn.one_hot(y, 10) if y.ndim == 1 else y) for x, y in batches]  # one target format
+    runs = {}
+    for k in (1, 3):
+        model = _tiny(drop_path_rate=0.3)
+        optimizer = nnx.Optimizer(model, create_optimizer(model, **kw), wrt=nnx.Param)
+        ema = EMA(model, decay=0.8)
+        model.train()
+        step = TrainStep(model, optimizer, num_classes=10, label_smoothing=0.1, ema=ema, ema_every=2)
+        metrics = []
+        for i in range(0, 6, k):
+            if k == 1:
+                metrics.append({n: v[None] for n, v in step(batches[i]).items()})
+            else:
+                group = batches[i : i + k]
+                metrics.append(step.run((jnp.stack([b[0] for b in group]), jnp.stack([b[1] for b in group]))))
+        step.sync()
+        metrics = {n: np.concatenate([np.asarray(m[n]) for m in metrics]) for n in metrics[0]}
+        runs[k] = metrics, nnx.state((model, optimizer)), ema.params
+    (m1, s1, e1), (m3, s3, e3) = runs[1], runs[3]
+    assert m3["loss"].shape == (6,) and len(set(m1["loss"].tolist())) == 6
+    for n in m1:
+        np.testing.assert_array_equal(m3[n], m1[n], err_msg=n)
+    for (path, a), (_, b) in zip(nnx.to_flat_state(s1), nnx.to_flat_state(s3)):
+        a, b = a.get_value(), b.get_value()
+        if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+            a, b = jax.random.key_data(a), jax.random.key_data(b)
+        np.testing.assert_array_equal(b, a, err_msg=str(path))
+    for a, b in zip(jax.tree.leaves(e1), jax.tree.leaves(e3)):
+        np.testing.assert_array_equal(b, a)
+    with pytest.raises(ValueError, match="leading steps axis"):
+        step.run(batches[0])
+
+
 def test_fast_train_step_is_one_program_for_fresh_and_restored_state():
     """A fresh model's arrays are uncommitted, a restored checkpoint's committed; jit lowers the two differently.
     TrainStep commits its state, so a resumed run runs (and finds in the compilation cache) the fresh run's
