@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import os
 import signal
@@ -281,6 +282,7 @@ def finetune(
     mixup: float = 0.0,
     cutmix: float = 0.0,
     grad_accum_steps: int = 1,
+    steps_per_call: int = 1,
     drop_path_rate: float = 0.1,
     clip_grad_norm: float | None = None,
     opt_eps: float = 1e-8,
@@ -319,6 +321,12 @@ def finetune(
             step, so a resumed run mixes exactly as an uninterrupted one.
         grad_accum_steps: average the gradients of this many batches per optimizer update (effective batch
             ``batch_size * grad_accum_steps``); the learning-rate schedule and the EMA count updates.
+        steps_per_call: training steps per call of the compiled step (:meth:`swin_jax.train.TrainStep.run`):
+            the same steps and results to the bit, fewer calls. On a CPU ``8`` makes Swin-B's step ~10% faster
+            (each call's temporaries are allocated once for all its steps) for 0.2 GB more peak memory. A call
+            never runs past an epoch end, a checkpoint or ``max_steps``; the steps before one that do not fill a
+            call run one per call, as a second compiled program: choose epoch and checkpoint intervals that are
+            multiples of it. SIGTERM is noticed between calls.
         drop_path_rate: stochastic depth rate.
         opt_eps: AdamW's epsilon (timm's ``--opt-eps``).
         ema_decay: keep an EMA of the weights if set: evaluated every epoch too (``ema_*`` metrics), kept in
@@ -371,6 +379,7 @@ def finetune(
         mixup=mixup,
         cutmix=cutmix,
         grad_accum_steps=grad_accum_steps,
+        steps_per_call=steps_per_call,
         opt_eps=opt_eps,
         ema_decay=ema_decay,
         seed=seed,
@@ -414,6 +423,7 @@ class _Plan:
     total_steps: int
     warmup_steps: int
     grad_accum_steps: int
+    steps_per_call: int
     label_smoothing: float
     augment: dict[str, Any]  # the augmentation keywords of create_train_transform
     run_config: dict[str, Any]  # the settings that must be equal when resuming
@@ -446,6 +456,7 @@ def _resolve(
     mixup: float,
     cutmix: float,
     grad_accum_steps: int,
+    steps_per_call: int,
     opt_eps: float,
     ema_decay: float | None,
     seed: int,
@@ -482,6 +493,8 @@ def _resolve(
         raise FinetuneError(f"bad augmentation setting: {e}") from None
     if mixup < 0 or cutmix < 0:
         raise FinetuneError(f"mixup and cutmix are Beta alphas >= 0 (0 = off), got mixup={mixup}, cutmix={cutmix}")
+    if steps_per_call < 1:
+        raise FinetuneError(f"steps_per_call must be >= 1, got {steps_per_call}")
     if grad_accum_steps < 1 or steps_per_epoch % grad_accum_steps:
         raise FinetuneError(
             f"grad_accum_steps={grad_accum_steps} must be >= 1 and divide the {steps_per_epoch} batches of an epoch"
@@ -511,6 +524,7 @@ def _resolve(
         total_steps=total_steps,
         warmup_steps=warmup_steps,
         grad_accum_steps=grad_accum_steps,
+        steps_per_call=steps_per_call,
         label_smoothing=label_smoothing,
         augment=augment,
         run_config=run_config,
@@ -724,6 +738,21 @@ def _save(plan: _Plan, mgr, step: int, net, optimizer, ema, acc: dict[str, Any])
     return plan.ckpt_dir.resolve() / str(step)
 
 
+def _call_size(plan: _Plan, step: int) -> int:
+    """Steps the next call of the train step runs from ``step``: ``plan.steps_per_call`` when that many fit before
+    the next epoch end, due checkpoint, ``max_steps`` or the end; otherwise 1 (the steps up to that point run one
+    per call, so at most two programs are compiled: one step and ``steps_per_call`` steps)."""
+    k = plan.steps_per_call
+    if k == 1:
+        return 1
+    ends = [plan.total_steps, (step // plan.steps_per_epoch + 1) * plan.steps_per_epoch]
+    if plan.save_every_steps is not None:
+        ends.append((step // plan.save_every_steps + 1) * plan.save_every_steps)
+    if plan.max_steps is not None and plan.max_steps > step:
+        ends.append(plan.max_steps)
+    return k if min(ends) - step >= k else 1
+
+
 def _train(
     plan: _Plan,
     net,
@@ -740,6 +769,9 @@ def _train(
     is_main: bool,
 ) -> tuple[str, int, dict[str, Any], Path]:
     """The step loop from ``start_step``: ``(status, step, last epoch's metrics or {}, path of the last checkpoint)``.
+
+    Runs ``plan.steps_per_call`` steps per call of the train step where they fit (:func:`_call_size`), so the
+    epoch ends, checkpoints and stops below only ever fall on the last step of a call.
 
     Evaluates at each epoch end (:func:`_end_epoch`), checkpoints every ``save_every_steps`` (default: each epoch
     end) and when it stops (the end, ``max_steps``, SIGTERM, which it catches meanwhile); closes ``mgr``.
@@ -782,26 +814,38 @@ def _train(
         elif max_steps is not None and step >= max_steps and step < plan.total_steps:
             status = "stopped"
         else:
-            for batch in train_loader.iter_from(step):
-                arrays = (batch["image"], batch["label"])
-                images, targets = shard_batch(arrays, mesh) if mesh is not None else tuple(map(jnp.asarray, arrays))
-                if mix is not None:
-                    images, targets, _ = mix(images, targets, step)
-                out = train_step((images, targets))
-                step += 1
-                out = to_host(out)
-                loss = float(out["loss"])
-                epoch = (step - 1) // steps_per_epoch + 1
-                acc["loss_sum"] += loss
-                acc["top1"] += float(out["top1"])
-                acc["top5"] += float(out["top5"])
-                acc["n"] += plan.batch_size
-                acc["steps"] += 1
-                if plan.log_steps and is_main:
-                    _append_jsonl(plan.output / STEPS_FILE, {"step": step, "epoch": epoch, "loss": loss})
-                if bar is not None:
-                    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-                    bar.update(1)
+            batches = iter(train_loader.iter_from(step))
+            while True:
+                size = _call_size(plan, step)
+                group = []
+                for batch in itertools.islice(batches, size):
+                    arrays = (batch["image"], batch["label"])
+                    images, targets = shard_batch(arrays, mesh) if mesh is not None else tuple(map(jnp.asarray, arrays))
+                    if mix is not None:
+                        images, targets, _ = mix(images, targets, step + len(group))
+                    group.append((images, targets))
+                if not group:
+                    break
+                if len(group) > 1:  # one call for the whole group (TrainStep.run); its metrics come stacked
+                    stacked = to_host(train_step.run(tuple(jnp.stack(arrays) for arrays in zip(*group))))
+                    outs = [{k: v[i] for k, v in stacked.items()} for i in range(len(group))]
+                else:
+                    outs = [to_host(train_step(group[0]))]
+                for out in outs:
+                    step += 1
+                    loss = float(out["loss"])
+                    epoch = (step - 1) // steps_per_epoch + 1
+                    acc["loss_sum"] += loss
+                    acc["top1"] += float(out["top1"])
+                    acc["top5"] += float(out["top5"])
+                    acc["n"] += plan.batch_size
+                    acc["steps"] += 1
+                    if plan.log_steps and is_main:
+                        _append_jsonl(plan.output / STEPS_FILE, {"step": step, "epoch": epoch, "loss": loss})
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                        bar.update(1)
+                # a call ends at the latest where an epoch ends, a checkpoint is due or max_steps is reached
                 if step % steps_per_epoch == 0:
                     train_step.sync()
                     last = _end_epoch(net, ema, val_loader, mesh, acc, epoch, step, plan.output if is_main else None)

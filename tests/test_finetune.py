@@ -183,6 +183,50 @@ def test_gradient_accumulation_equals_the_large_batch(data, tmp_path):
         finetune(train_dir=data[0], val_dir=data[1], output=tmp_path / "bad", **dict(small, grad_accum_steps=3))
 
 
+def test_several_steps_per_call_train_exactly_as_one(data, full_run, tmp_path, monkeypatch):
+    """steps_per_call=2: each epoch's 2 steps are one call of TrainStep.run, and the step losses, the epoch
+    metrics and the final weights equal run A's (one step per call) to the bit. A run stopped with one setting
+    resumes with another."""
+    import swin_jax.train
+
+    calls = []
+    run = swin_jax.train.TrainStep.run
+    monkeypatch.setattr(swin_jax.train.TrainStep, "run", lambda self, batches: calls.append(1) or run(self, batches))
+    out = tmp_path / "k2"
+    result = finetune(train_dir=data[0], val_dir=data[1], output=out, steps_per_call=2, **COMMON)
+    assert result["status"] == "completed" and result["step"] == 4 and len(calls) == 2
+    assert _step_losses(out) == _step_losses(full_run[0])
+    assert _read_jsonl(out / "metrics.jsonl") == _read_jsonl(full_run[0] / "metrics.jsonl")
+    ref = _params(Path(full_run[1]["model_dir"]))
+    for name, value in _params(Path(result["model_dir"])).items():
+        np.testing.assert_array_equal(value, ref[name], err_msg=name)
+    finetune(train_dir=data[0], val_dir=data[1], output=tmp_path / "b", max_steps=1, **COMMON)
+    calls.clear()
+    resumed = finetune(
+        train_dir=data[0], val_dir=data[1], output=tmp_path / "b", resume=True, steps_per_call=2, **COMMON
+    )
+    assert resumed["step"] == 4 and len(calls) == 1  # step 2 alone (the epoch ends), then steps 3-4 in one call
+    assert _step_losses(tmp_path / "b") == _step_losses(full_run[0])
+    with pytest.raises(FinetuneError, match="steps_per_call must be >= 1, got 0"):
+        finetune(train_dir=data[0], val_dir=data[1], output=tmp_path / "bad", steps_per_call=0, **COMMON)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_a_call_never_runs_past_an_epoch_end_a_checkpoint_or_max_steps():
+    from types import SimpleNamespace
+
+    from swin_jax.finetune import _call_size
+
+    plan = SimpleNamespace(steps_per_call=8, steps_per_epoch=10, total_steps=30, save_every_steps=None, max_steps=None)
+    assert [_call_size(plan, s) for s in (0, 8, 9, 10, 20, 22, 23)] == [8, 1, 1, 8, 8, 8, 1]
+    plan.save_every_steps = 4  # a checkpoint every 4 steps: never 8 in a row
+    assert {_call_size(plan, s) for s in range(30)} == {1}
+    plan.save_every_steps, plan.max_steps = 25, 5
+    assert [_call_size(plan, s) for s in (0, 5, 10, 12, 17, 20)] == [1, 1, 8, 8, 1, 1]  # max_steps 5; save at 25
+    plan.steps_per_call = 1
+    assert {_call_size(plan, s) for s in range(30)} == {1}
+
+
 def test_metrics_and_final_weights(data, full_run):
     import jax.numpy as jnp
 
@@ -323,6 +367,18 @@ def test_cli_training_flags_reach_finetune(data, tmp_path):
     assert res.returncode == 2
     assert "finetune: error: grad_accum_steps=3 must be >= 1 and divide the 2 batches of an epoch" in res.stderr
     assert not out.exists()
+
+
+def test_cli_steps_per_call_reaches_finetune(data, tmp_path, monkeypatch, capsys):
+    import swin_jax.finetune
+    from swin_jax import cli
+
+    seen = {}
+    monkeypatch.setattr(swin_jax.finetune, "finetune", lambda **kw: seen.update(kw) or {"status": "completed"})
+    assert cli.main(_cli(data, tmp_path / "out", "--steps-per-call", "8")[3:]) == 0
+    assert seen["steps_per_call"] == 8
+    assert cli.main(_cli(data, tmp_path / "out", "--steps-per-call", "0")[3:]) == 2
+    assert "--steps-per-call: expected a positive integer, got 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

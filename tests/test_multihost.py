@@ -169,7 +169,8 @@ def test_killed_process_stops_the_others_and_resume_continues(data, one_process,
     assert not (out / "model").exists()
     logged_steps = len(_read_jsonl(out / "steps.jsonl"))
 
-    results = _finish(_launch(data, out, 2, "--resume"))
+    # resumed 2 steps per call (each epoch one TrainStep.run on batches stacked from both processes' shards)
+    results = _finish(_launch(data, out, 2, "--resume", "--steps-per-call", "2"))
     _assert_completed(results)
     assert f"resuming from {out / 'checkpoints'}/" in results[0][1]
     # 2 processes x 2 devices (steps 1..done before the kill, the rest resumed) train as 1 process x 4 devices
