@@ -34,6 +34,9 @@ transparent huge pages: ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` for swin-jax, 
 torch. swin-jax's ``-thp`` rows are compared with timm's default rows (``vs_timm_eager``) and with timm's own
 ``-thp`` rows (``vs_timm_eager_thp``).
 
+Steps per call: a ``-k8`` training row (named in ``--variants``) runs 8 steps per call with ``TrainStep.run`` (as
+``finetune --steps-per-call 8`` does); its times are per step, and its ``compile_s`` is the first call less 7 steps.
+
 The JSON is rewritten after every row, so a run that is stopped keeps the rows it finished. A long
 GPU run can be split (``--variants``, ``--batches``, ``--train-batch``, ``--out``) and the parts joined
 with ``--merge``, which recomputes the ratios only between rows measured on the same device (same GPU
@@ -76,6 +79,9 @@ SCAN_EXTRA = ["jax-fp32-scan", "jax-bf16-scan", "jax-train-fp32-scan", "jax-trai
 # THP_MEM_ALLOC_ENABLE=1. Run when named in --variants
 THP_EXTRA = ["jax-fp32-thp", "jax-train-fp32-thp", "timm-eager-fp32-thp", "timm-train-eager-fp32-thp"]
 THP_ENV = {"jax": {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}, "timm": {"THP_MEM_ALLOC_ENABLE": "1"}}
+# swin-jax training with 8 steps per call (TrainStep.run: one compiled step run 8 times by a lax.scan, so a call's
+# temporaries are allocated once for 8 steps); times are per step. Run when named in --variants
+STEPS_EXTRA = ["jax-train-fp32-k8", "jax-train-bf16-k8", "jax-train-fp32-k8-thp"]
 # swin-jax with an explicit attention implementation (create_model(attn_impl=...); the plain rows run 'auto'):
 # VARIANT@IMPL, run when named in --variants
 ATTN_EXTRA = [
@@ -124,7 +130,10 @@ REFS["jax-train-bf16-cut"] = REFS["jax-train-bf16"]
 REFS["jax-train-fp32-cut"] = REFS["jax-train-fp32"]
 for _scanned in SCAN_EXTRA:
     REFS[_scanned] = REFS[_scanned.removesuffix("-scan")]
-for _thp in ("jax-fp32-thp", "jax-train-fp32-thp"):  # against timm's default rows, and timm with its own THP switch
+for _multi in ("jax-train-fp32-k8", "jax-train-bf16-k8"):
+    REFS[_multi] = REFS[_multi.removesuffix("-k8")]
+# against timm's default rows, and timm with its own THP switch
+for _thp in ("jax-fp32-thp", "jax-train-fp32-thp", "jax-train-fp32-k8-thp"):
     _base = _thp.removesuffix("-thp")
     _eager = REFS[_base]["vs_timm_eager"]
     REFS[_thp] = {"vs_timm_eager": _eager, "vs_timm_eager_thp": _eager + "-thp"}
@@ -210,12 +219,20 @@ def _profile(call, sync, calls: int = 3) -> dict | None:
     return {"calls": calls, "wall_ms_per_call": wall / calls * 1e3, **({} if busy is None else busy)}
 
 
+def steps_per_call(variant: str) -> tuple[str, int]:
+    """A ``-kN`` training row runs N steps per call (``TrainStep.run``): ``'jax-train-fp32-k8'`` ->
+    ``('jax-train-fp32', 8)``; any other name -> ``(name, 1)``."""
+    head, _, tail = variant.rpartition("-k")
+    return (head, int(tail)) if head and tail.isdigit() and int(tail) > 0 else (variant, 1)
+
+
 def _jax_worker(
     variant: str, model_name: str, batch: int, warmup: int, repeats: int, min_time: float, profile: bool = False
 ) -> dict:
     if variant.endswith("-cut"):  # read when the step is traced
         os.environ["SWIN_JAX_BACKWARD_CUT"] = "always"
     variant = variant.removesuffix("-thp").removesuffix("-cut")  # -thp: set in the worker's environment
+    variant, per_call = steps_per_call(variant)
     scan = variant.endswith("-scan")
     variant = variant.removesuffix("-scan")
     variant, _, attn_impl = variant.partition("@")
@@ -266,12 +283,19 @@ def _jax_worker(
 
         # the documented fast path (what finetune runs): one jitted pure function over the flat state
         step = TrainStep(model, optimizer, num_classes=model.num_classes)
+        call = lambda: step((x, y))  # noqa: E731
+        if per_call > 1:  # per_call steps per call, each on the same batch
+            xs, ys = jnp.stack([x] * per_call), jnp.stack([y] * per_call)
+            call = lambda: step.run((xs, ys))  # noqa: E731
+        out["settings"]["steps_per_call"] = per_call
         t = time.perf_counter()
-        jax.block_until_ready(step((x, y)))
-        out["compile_s"] = time.perf_counter() - t  # first step: trace + compile + one step
-        times = _time_calls(lambda: step((x, y)), jax.block_until_ready, warmup, repeats, min_time)
+        jax.block_until_ready(call())
+        first = time.perf_counter() - t  # first call: trace + compile + per_call steps
+        times = _time_calls(call, jax.block_until_ready, warmup, repeats, min_time)
+        times = [s / per_call for s in times]  # per step
+        out["compile_s"] = first - (per_call - 1) * statistics.median(times)  # as the other rows: less one step
         if profile:
-            out["profile"] = _profile(lambda: step((x, y)), jax.block_until_ready)
+            out["profile"] = _profile(call, jax.block_until_ready)
     if gpu:
         stats = jax.devices()[0].memory_stats() or {}
         out["peak_mem_mb"] = stats.get("peak_bytes_in_use", 0) / 2**20
@@ -663,14 +687,14 @@ def main(argv: list[str] | None = None) -> int:
     infer = INFER + (INFER_GPU + (INFER_GPU_EXTRA if args.variants else []) if gpu else [])
     train = (TRAIN + (TRAIN_GPU if gpu else [])) if train_batch else []
     if args.variants:
-        extra = FUSED_EXTRA + CUT_EXTRA + ATTN_EXTRA + SCAN_EXTRA + THP_EXTRA
+        extra = FUSED_EXTRA + CUT_EXTRA + ATTN_EXTRA + SCAN_EXTRA + THP_EXTRA + STEPS_EXTRA
         infer += [v for v in extra if "train" not in v]
         train += [v for v in extra if "train" in v] if train_batch else []
     if args.rounds < 1:
         p.error(f"--rounds must be at least 1, got {args.rounds}")
     if args.variants:
         known = INFER + INFER_GPU + INFER_GPU_EXTRA + TRAIN + TRAIN_GPU
-        known += FUSED_EXTRA + CUT_EXTRA + ATTN_EXTRA + SCAN_EXTRA + THP_EXTRA
+        known += FUSED_EXTRA + CUT_EXTRA + ATTN_EXTRA + SCAN_EXTRA + THP_EXTRA + STEPS_EXTRA
         unknown = set(args.variants) - set(known)
         if unknown:
             p.error(f"unknown variants: {sorted(unknown)}")

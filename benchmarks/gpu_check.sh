@@ -13,12 +13,14 @@
 #      bf16 matmul peak measured in the same run; then swin-jax with scanned blocks (does it cut the 39 s compile?);
 #   4. parity of every attention implementation on the GPU (fp32 at 'highest' and bf16, a small Swin), then
 #      SwinV2-T and SwinV2-CR-T against timm float64 (fp32 at 'highest' and at jax's default precision);
-#   5. inference, bf16, each attention implementation (xla, cudnn, pallas) at batch 256, then 64 and 1;
-#   6. the same bf16 training step with the per-block backward cut forced on (SWIN_JAX_BACKWARD_CUT=always:
+#   5. the bf16 training step with 8 steps per call (TrainStep.run, finetune --steps-per-call 8): is the
+#      one-step call host-bound? (one dispatch per 8 steps; times per step);
+#   6. inference, bf16, each attention implementation (xla, cudnn, pallas) at batch 256, then 64 and 1;
+#   7. the same bf16 training step with the per-block backward cut forced on (SWIN_JAX_BACKWARD_CUT=always:
 #      does the fusion problem it fixes on the CPU exist on the GPU?);
-#   7. the bf16 training step with each stage's repeated blocks as one scan (set_scan_blocks): its compile time;
-#   8. host time per training-step call (benchmarks/host_time.py), then fp32 training like-for-like;
-#   9. XLA flag variants of bf16 inference at batch 256, one try each: no command buffers, cuDNN layer norm,
+#   8. the bf16 training step with each stage's repeated blocks as one scan (set_scan_blocks): its compile time;
+#   9. host time per training-step call (benchmarks/host_time.py), then fp32 training like-for-like;
+#  10. XLA flag variants of bf16 inference at batch 256, one try each: no command buffers, cuDNN layer norm,
 #      autotune level 0.
 # A dry run on the CPU (small model and batches, to check the script, not to measure):
 #   MODEL=swin_tiny_patch4_window7_224 TRAIN_BATCH=2 INFER_BATCH=2 bash benchmarks/gpu_check.sh /tmp/dry
@@ -49,6 +51,7 @@ for pair in v2:swinv2_tiny_window8_256 v2cr:swinv2_cr_tiny_ns_224; do
     [ "$(left)" -gt 60 ] && timeout "$(left)" python benchmarks/gpu_parity.py --model "${pair#*:}" --batch 4 \
         --out "$out/parity-${pair%%:*}.json"
 done
+bench --no-peak --profile --train-batch ${TRAIN_BATCH:-64} --out "$out/train-bf16-k8.json" --variants jax-train-bf16-k8
 bench --no-peak --batches ${INFER_BATCH:-256} ${SMALL_BATCHES:-64 1} --train-batch 0 --out "$out/infer-attn.json" \
     --variants jax-bf16@xla jax-bf16@cudnn jax-bf16@pallas
 bench --no-peak --profile --train-batch ${TRAIN_BATCH:-64} --out "$out/train-bf16-cut.json" --variants \

@@ -86,6 +86,22 @@ def test_thp_rows_get_their_framework_switch_and_both_timm_ratios():
     assert rows[0]["vs_timm_eager_thp"] == pytest.approx(1.8 / 1.5)
 
 
+def test_steps_per_call_rows_are_named_parsed_and_compared_with_timms_rows():
+    """-k8 rows (TrainStep.run, 8 steps per call): the worker reads N from the name, every such row is a known
+    variant, and it is compared with the same timm rows as the one-step row (with huge pages, with both)."""
+    assert bench.steps_per_call("jax-train-fp32-k8") == ("jax-train-fp32", 8)
+    assert bench.steps_per_call("jax-train-bf16-k16") == ("jax-train-bf16", 16)
+    for plain in ("jax-train-fp32", "jax-train-fp32-thp", "timm-train-eager-fp32", "jax-train-fp32-k0"):
+        assert bench.steps_per_call(plain) == (plain, 1)
+    for variant in bench.STEPS_EXTRA:
+        base = bench.steps_per_call(variant.removesuffix("-thp"))[0]
+        assert base in bench.TRAIN + bench.TRAIN_GPU
+        refs = bench.REFS[variant]
+        assert refs["vs_timm_eager"] == bench.REFS[base]["vs_timm_eager"]
+    assert bench.worker_env("jax-train-fp32-k8-thp", {}) == {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    assert bench.REFS["jax-train-fp32-k8-thp"]["vs_timm_eager_thp"] == "timm-train-eager-fp32-thp"
+
+
 def test_tf32_emulation_rounds_default_precision_matmul_inputs_only():
     import jax
     import jax.numpy as jnp
