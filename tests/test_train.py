@@ -31,7 +31,7 @@ from parity import (
 
 import swin_jax
 from swin_jax import attention
-from swin_jax.models._layers import Linear, Mlp, layer_norm
+from swin_jax.models._layers import Linear, Mlp, PatchEmbed, layer_norm
 from swin_jax.train import (
     EMA,
     TrainStep,
@@ -422,6 +422,41 @@ def test_linear_kernel_gradient_is_computed_without_a_transpose(cls):
     transposes = grad.lower(state, x).compile().as_text().count(" transpose(")
     assert transposes == (0 if cls is Linear else 1)
     np.testing.assert_allclose(cls(8, 16, rngs=nnx.Rngs(0))(x), nnx.Linear(8, 16, rngs=nnx.Rngs(0))(x), rtol=1e-6)
+
+
+def test_patch_embedding_kernel_gradient_is_a_matmul_in_a_loop_too():
+    """PatchEmbed's conv computes nnx.Conv's values to the bit, its input and bias gradients to the bit, and its kernel
+    gradient as one matmul of the image patches (the same sums in another order). Inside a lax.scan (TrainStep.run),
+    XLA:CPU left autodiff's kernel-gradient convolution in a layout it runs ~30x slower; with the matmul the compiled
+    loop has the forward's convolution only. A conv that is not a patchify conv takes lax's own path."""
+    embed = PatchEmbed(4, 3, 16, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    plain = nnx.Conv(3, 16, kernel_size=(4, 4), strides=(4, 4), padding="VALID", rngs=nnx.Rngs(1))
+    nnx.update(plain, nnx.state(embed.proj))
+    x = jnp.asarray(images((2, 30, 34, 3), seed=4))  # 30 x 34: VALID drops the last rows and columns
+
+    def loss(conv, x):
+        return jnp.sum(jnp.sin(conv(x)) * jnp.arange(16.0))
+
+    assert jnp.array_equal(embed.proj(x), plain(x))
+    (g_conv, g_x), (g_ref, g_x_ref) = (nnx.grad(loss, argnums=(0, 1))(c, x) for c in (embed.proj, plain))
+    assert jnp.array_equal(g_x, g_x_ref) and jnp.array_equal(g_conv["bias"][...], g_ref["bias"][...])
+    kernel, kernel_ref = g_conv["kernel"][...], g_ref["kernel"][...]
+    assert rel_err(kernel, kernel_ref) < 1e-6
+
+    def convolutions(conv) -> int:
+        graphdef, state = nnx.split(conv)
+
+        def looped(state, xs):
+            grad = jax.grad(lambda s, x: loss(nnx.merge(graphdef, s), x))
+            return jax.lax.scan(lambda acc, x: (jax.tree.map(jnp.add, acc, grad(state, x)), None), state, xs)[0]
+
+        return jax.jit(looped).lower(state, jnp.stack([x, x])).compile().as_text().count(" convolution(")
+
+    assert convolutions(embed.proj) == 1 and convolutions(plain) == 2
+    strided = nnx.Conv(3, 16, kernel_size=(4, 4), strides=(2, 2), padding="VALID", rngs=nnx.Rngs(1))
+    nnx.update(strided, nnx.state(embed.proj))
+    embed.proj.strides = (2, 2)  # no longer a patchify conv
+    assert jnp.array_equal(nnx.grad(loss)(embed.proj, x)["kernel"][...], nnx.grad(loss)(strided, x)["kernel"][...])
 
 
 def _scans(model: nnx.Module, x: jax.Array) -> int:

@@ -237,8 +237,73 @@ def _dropout(rate: float, rngs: nnx.Rngs, broadcast_dims: Sequence[int] = ()) ->
     return nnx.Dropout(rate, broadcast_dims=tuple(broadcast_dims), deterministic=True, rngs=rngs if rate > 0 else None)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _patchify_conv(x: jax.Array, kernel: jax.Array, strides: Any, dimension_numbers: Any, precision: Any) -> jax.Array:
+    """``lax.conv_general_dilated`` of a patchify conv (NHWC input, HWIO kernel, stride = kernel size, VALID)."""
+    return jax.lax.conv_general_dilated(
+        x, kernel, strides, "VALID", dimension_numbers=dimension_numbers, precision=precision
+    )
+
+
+def _patchify_conv_fwd(x, kernel, strides, dimension_numbers, precision):
+    return _patchify_conv(x, kernel, strides, dimension_numbers, precision), (x, kernel)
+
+
+def _patchify_conv_bwd(strides, dimension_numbers, precision, res, g):
+    """The input's gradient as autodiff has it; the kernel's as one matmul of the patches with ``g``."""
+    x, kernel = res
+    _, input_vjp = jax.vjp(lambda x: _patchify_conv.fun(x, kernel, strides, dimension_numbers, precision), x)
+    (ph, pw, cin, cout), (b, ho, wo, _) = kernel.shape, g.shape
+    patches = x[:, : ho * ph, : wo * pw].reshape(b, ho, ph, wo, pw, cin).transpose(0, 1, 3, 2, 4, 5)
+    dk = jnp.dot(patches.reshape(-1, ph * pw * cin).T, g.reshape(-1, cout), precision=precision)
+    return input_vjp(g)[0], dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+_patchify_conv.defvjp(_patchify_conv_fwd, _patchify_conv_bwd)
+
+
+def _conv_general_dilated(
+    inputs: jax.Array,
+    kernel: jax.Array,
+    window_strides: Sequence[int],
+    padding: Any,
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: Any = None,
+    feature_group_count: int = 1,
+    precision: Any = None,
+    **kwargs: Any,
+) -> jax.Array:
+    """``lax.conv_general_dilated`` for :class:`PatchEmbed`'s ``nnx.Conv``; the same values, and a patchify conv's
+    kernel gradient computed as one matmul of the image patches with the output's gradient.
+
+    Why: inside a loop (``TrainStep.run``'s ``lax.scan``) XLA:CPU left the kernel-gradient convolution in a
+    layout it runs on its slow generic path, 150 ms per Swin-B step against ~5 ms (BENCHMARKS.md). The matmul
+    sums in another order than the convolution did: the kernel gradient moves by rounding.
+    """
+    dn = jax.lax.conv_dimension_numbers(inputs.shape, kernel.shape, dimension_numbers)
+    patchify = (
+        padding == "VALID"
+        and tuple(window_strides) == tuple(kernel.shape[:-2])
+        and set(lhs_dilation or (1,)) == {1}
+        and set(rhs_dilation or (1,)) == {1}
+        and feature_group_count == 1
+        and dn == jax.lax.conv_dimension_numbers(inputs.shape, kernel.shape, ("NHWC", "HWIO", "NHWC"))
+        and all(v is None for v in kwargs.values())
+    )
+    if not patchify:
+        return jax.lax.conv_general_dilated(
+            inputs, kernel, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+            feature_group_count, precision=precision, **kwargs,
+        )  # fmt: skip
+    return _patchify_conv(inputs, kernel, tuple(window_strides), dn, precision)
+
+
 class PatchEmbed(nnx.Module):
-    """Image to patch embedding: ``patch x patch`` stride-``patch`` conv, then LayerNorm, NHWC out."""
+    """Image to patch embedding: ``patch x patch`` stride-``patch`` conv, then LayerNorm, NHWC out.
+
+    The conv's kernel gradient is one matmul of the image patches (:func:`_conv_general_dilated`).
+    """
 
     def __init__(self, patch_size: int, in_chans: int, embed_dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.patch_size = to_2tuple(patch_size)
@@ -251,6 +316,7 @@ class PatchEmbed(nnx.Module):
             kernel_init=_torch_conv_default,
             dtype=dtype,
             param_dtype=param_dtype,
+            conv_general_dilated=_conv_general_dilated,
             rngs=rngs,
         )
         self.norm = LayerNorm(embed_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
