@@ -323,9 +323,9 @@ def finetune(
             ``batch_size * grad_accum_steps``); the learning-rate schedule and the EMA count updates.
         steps_per_call: training steps per call of the compiled step (:meth:`swin_jax.train.TrainStep.run`):
             the same steps and results to the bit, fewer calls. On a CPU ``8`` makes Swin-B's step ~10% faster
-            (each call's temporaries are allocated once for all its steps) for 0.2 GB more peak memory. A call
-            never runs past an epoch end, a checkpoint or ``max_steps``; the steps before one that do not fill a
-            call run one per call, as a second compiled program: choose epoch and checkpoint intervals that are
+            (each call's temporaries are allocated once for all its steps) for 0.1-0.25 GB more peak memory. A
+            call never runs past an epoch end, a checkpoint or ``max_steps``; the steps before one that do not fill
+            a call run one per call, as a second compiled program: choose epoch and checkpoint intervals that are
             multiples of it. SIGTERM is noticed between calls.
         drop_path_rate: stochastic depth rate.
         opt_eps: AdamW's epsilon (timm's ``--opt-eps``).

@@ -484,10 +484,11 @@ class TrainStep:
         Why: each call's temporaries are allocated once and reused by all ``K`` steps, and the host
         dispatches once. On a CPU the temporaries are one fresh block per call (2.2 GB for Swin-B at batch 8)
         whose pages the kernel faults in and zeroes every time: with ``K = 8`` Swin-B's fp32 step goes from
-        0.94x to 1.04x timm eager (2-core AMD EPYC, BENCHMARKS.md). Costs: each ``K`` compiles its own program
-        (once); inside the loop the weights' in-place update needs copies of the weights that the one-step
-        program mostly avoids, 0.14 GB more temporaries for Swin-B (peak 4.41 GB against 4.17-4.23 at batch 8,
-        the 8 stacked batches included); and the host sees the metrics only after all ``K`` steps.
+        0.95x to 1.05x timm eager (1.01-1.05 over three runs; 2-core AMD EPYC, BENCHMARKS.md). Costs: each
+        ``K`` compiles its own program (once); inside the loop the weights' in-place update needs copies of the
+        weights that the one-step program mostly avoids, 0.14 GB more temporaries for Swin-B (peak 4.3-4.5 GB
+        against 4.2 at batch 8, the 8 stacked batches included); and the host sees the metrics only after all
+        ``K`` steps.
         """
         images = batches[0]
         if not hasattr(images, "ndim") or images.ndim != 5:
