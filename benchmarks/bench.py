@@ -130,7 +130,7 @@ REFS["jax-train-bf16-cut"] = REFS["jax-train-bf16"]
 REFS["jax-train-fp32-cut"] = REFS["jax-train-fp32"]
 for _scanned in SCAN_EXTRA:
     REFS[_scanned] = REFS[_scanned.removesuffix("-scan")]
-for _multi in ("jax-train-fp32-k8", "jax-train-bf16-k8"):
+for _multi in [v for v in STEPS_EXTRA if not v.endswith("-thp")]:
     REFS[_multi] = REFS[_multi.removesuffix("-k8")]
 # against timm's default rows, and timm with its own THP switch
 for _thp in ("jax-fp32-thp", "jax-train-fp32-thp", "jax-train-fp32-k8-thp"):
