@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from .models import reverse_mode
 from .weights import timm_name
 
 __all__ = [
@@ -317,11 +318,13 @@ def _loss_and_metrics(
     label_smoothing: float,
     num_classes: int,
 ) -> dict[str, jax.Array]:
-    """The step itself, on live NNX objects (traced once inside a jitted pure function)."""
+    """The step itself, on live NNX objects (traced once inside a jitted pure function). The model is traced in
+    :func:`swin_jax.models.reverse_mode` (layers keep fewer tensors for the backward pass)."""
     images, targets = batch
 
     def loss_fn(model: nnx.Module) -> tuple[jax.Array, jax.Array]:
-        logits = model(images)
+        with reverse_mode():
+            logits = model(images)
         return cross_entropy(logits, targets, num_classes=num_classes, label_smoothing=label_smoothing), logits
 
     (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
@@ -409,7 +412,7 @@ class TrainStep:
     the mode of every call.
 
     :meth:`run` takes several batches stacked along a leading axis and runs as many steps in one call, with the
-    same results to the bit. On a CPU it is the faster loop: each call's temporaries (2.2 GB for Swin-B at
+    same results to the bit. On a CPU it is the faster loop: each call's temporaries (1.8 GB for Swin-B at
     batch 8) are one block that glibc maps afresh for every call, whose pages the kernel faults in and zeroes
     each time, and :meth:`run` pays that once for all its steps. Starting the process with
     ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (Linux) makes the kernel fault in 512 times fewer pages instead.
@@ -482,13 +485,13 @@ class TrainStep:
         stacked: ``{'loss': [K], 'top1': [K], 'top5': [K]}``.
 
         Why: each call's temporaries are allocated once and reused by all ``K`` steps, and the host
-        dispatches once. On a CPU the temporaries are one fresh block per call (2.2 GB for Swin-B at batch 8)
+        dispatches once. On a CPU the temporaries are one fresh block per call (1.8 GB for Swin-B at batch 8)
         whose pages the kernel faults in and zeroes every time: with ``K = 8`` Swin-B's fp32 step goes from
-        0.95x to 1.05x timm eager (1.01-1.05 over three runs; 2-core AMD EPYC, BENCHMARKS.md). Costs: each
-        ``K`` compiles its own program (once); inside the loop the weights' in-place update needs copies of the
-        weights that the one-step program mostly avoids, 0.14 GB more temporaries for Swin-B (peak 4.3-4.5 GB
-        against 4.2 at batch 8, the 8 stacked batches included); and the host sees the metrics only after all
-        ``K`` steps.
+        1.01x to 1.10x timm eager (2-core AMD EPYC, BENCHMARKS.md). Costs: each ``K`` compiles its own program
+        (once); inside the loop the weights' in-place update needs copies of the weights that the one-step
+        program mostly avoids, 0.14 GB more temporaries for Swin-B (peak 4.1 GB against 3.8 at batch 8, the 8
+        stacked batches included; timm eager's is 4.3); and the host sees the metrics only after all ``K``
+        steps.
         """
         images = batches[0]
         if not hasattr(images, "ndim") or images.ndim != 5:

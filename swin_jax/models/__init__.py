@@ -1,5 +1,6 @@
 """The Swin model families, one file each as in timm, over shared window helpers and layers."""
 
+from ._layers import reverse_mode
 from ._windows import (
     calc_window_shift,
     feature_take_indices,
@@ -21,6 +22,7 @@ __all__ = [
     "feature_take_indices",
     "relative_position_index",
     "resolve_stage_window_sizes",
+    "reverse_mode",
     "shift_attn_mask",
     "window_partition",
     "window_reverse",

@@ -9,10 +9,12 @@ recomputed in the backward pass: both keep fewer tensors for the backward than a
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -192,11 +194,91 @@ class Linear(nnx.Linear):
     last two axes, it may need a relayout where the folded axis is not a multiple of 8 (not measured).
     """
 
-    def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
+    def __call__(
+        self, inputs: jax.Array, out_sharding=None, *, act: Callable[[jax.Array], jax.Array] | None = None
+    ) -> jax.Array:
+        """``act(inputs) @ kernel + bias`` with ``act`` (default: none), whose output is not kept for the backward
+        pass but recomputed there from ``inputs`` (:func:`_act_dot`). ``act`` is for :func:`reverse_mode` traces:
+        its derivative is defined for reverse mode only."""
+        if act is not None:
+            if out_sharding is not None:
+                raise ValueError("Linear(act=...) takes no out_sharding")
+            return self._act_call(inputs, act)
         if inputs.ndim <= 2 or out_sharding is not None:
             return super().__call__(inputs, out_sharding=out_sharding)
         y = super().__call__(inputs.reshape(-1, inputs.shape[-1]))
         return y.reshape(*inputs.shape[:-1], y.shape[-1])
+
+    def _act_call(self, inputs: jax.Array, act: Callable[[jax.Array], jax.Array]) -> jax.Array:
+        # nnx.Linear.__call__ with the matmul replaced: the same dtype promotion, precision and bias
+        flat = inputs.reshape(-1, inputs.shape[-1])
+        kernel = self.kernel[...]
+        bias = self.bias[...] if self.bias is not None else None
+        flat, kernel, bias = self.promote_dtype((flat, kernel, bias), dtype=self.dtype)
+        y = _act_dot(act, flat, kernel, self.precision, self.preferred_element_type)
+        if bias is not None:
+            y += jnp.reshape(bias, (1, -1))
+        return y.reshape(*inputs.shape[:-1], y.shape[-1])
+
+
+_REVERSE_MODE: contextvars.ContextVar[bool] = contextvars.ContextVar("swin_jax_reverse_mode", default=False)
+
+
+@contextlib.contextmanager
+def reverse_mode() -> Iterator[None]:
+    """Trace the model for reverse-mode differentiation only (a training step's ``jax.grad``).
+
+    Inside it, layers may define their derivatives with ``jax.custom_vjp`` where that keeps fewer tensors for
+    the backward pass: the MLP recomputes its activation there instead of keeping it (:func:`_act_dot`). Values
+    and gradients are those of the plain model, up to rounding; forward-mode differentiation (``jax.jvp``,
+    ``jax.linearize``, ``jax.jacfwd``) of a model traced inside it fails, so outside it (the default) every
+    layer supports both modes. :class:`swin_jax.train.TrainStep` and :func:`swin_jax.train.train_step` trace
+    their step inside it.
+    """
+    token = _REVERSE_MODE.set(True)
+    try:
+        yield
+    finally:
+        _REVERSE_MODE.reset(token)
+
+
+def _dot(a: jax.Array, kernel: jax.Array, precision: Any, preferred_element_type: Any) -> jax.Array:
+    kw = {} if preferred_element_type is None else {"preferred_element_type": preferred_element_type}
+    return jax.lax.dot_general(a, kernel, (((1,), (0,)), ((), ())), precision=precision, **kw)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4))
+def _act_dot(act: Callable[[jax.Array], jax.Array], x: jax.Array, kernel: jax.Array, precision, preferred_element_type):
+    """``act(x) @ kernel`` (``x`` ``[n, din]``) whose backward pass keeps ``x``, not ``act(x)``, and recomputes
+    ``act(x)`` for the kernel's gradient.
+
+    Why: the MLP's hidden activations are the largest tensors a Swin block keeps for its backward pass, and autodiff
+    keeps two of them per block, the activation's input (for its derivative) and its output (for fc2's kernel
+    gradient). Recomputing the output: Swin-B's fp32 training step on the CPU keeps 0.38 GB fewer temporaries at
+    batch 8, at the same speed (BENCHMARKS.md). ``jax.checkpoint`` cannot do this on the CPU: XLA:CPU removes its
+    optimization barrier early and then merges the recomputation with the forward's identical computation (CSE),
+    keeping the forward's tensor after all. Here the recomputation reads ``x`` through a select on the incoming
+    gradient (``x`` where that row's gradient is finite, else 0), which XLA cannot merge with the forward: the
+    same values (a row with a non-finite gradient has non-finite kernel gradients already), computed only when
+    the backward pass reaches it. The select is per row, so it needs no communication where a mesh shards rows.
+    """
+    return _dot(act(x), kernel, precision, preferred_element_type)
+
+
+def _act_dot_fwd(act, x, kernel, precision, preferred_element_type):
+    return _dot(act(x), kernel, precision, preferred_element_type), (x, kernel)
+
+
+def _act_dot_bwd(act, precision, preferred_element_type, res, g):
+    x, kernel = res
+    x = jnp.where(jnp.isfinite(g[:, :1]), x, jnp.zeros_like(x))
+    a, act_vjp = jax.vjp(act, x)
+    _, dot_vjp = jax.vjp(lambda a, k: _dot(a, k, precision, preferred_element_type), a, kernel)
+    da, dk = dot_vjp(g)
+    return act_vjp(da)[0], dk
+
+
+_act_dot.defvjp(_act_dot_fwd, _act_dot_bwd)
 
 
 def _linear(din: int, dout: int, *, use_bias: bool = True, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Linear:
@@ -237,7 +319,7 @@ def _dropout(rate: float, rngs: nnx.Rngs, broadcast_dims: Sequence[int] = ()) ->
     return nnx.Dropout(rate, broadcast_dims=tuple(broadcast_dims), deterministic=True, rngs=rngs if rate > 0 else None)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
 def _patchify_conv(x: jax.Array, kernel: jax.Array, strides: Any, dimension_numbers: Any, precision: Any) -> jax.Array:
     """``lax.conv_general_dilated`` of a patchify conv (NHWC input, HWIO kernel, stride = kernel size, VALID)."""
     return jax.lax.conv_general_dilated(
@@ -245,21 +327,23 @@ def _patchify_conv(x: jax.Array, kernel: jax.Array, strides: Any, dimension_numb
     )
 
 
-def _patchify_conv_fwd(x, kernel, strides, dimension_numbers, precision):
-    return _patchify_conv(x, kernel, strides, dimension_numbers, precision), (x, kernel)
+def _patchify_conv_jvp(strides, dimension_numbers, precision, primals, tangents):
+    """The input's tangent as autodiff has it (a conv); the kernel's as one matmul of the image patches, which
+    reverse mode transposes into the kernel gradient ``patches^T @ g``."""
+    (x, kernel), (dx, dk) = primals, tangents
+    y = _patchify_conv(x, kernel, strides, dimension_numbers, precision)
+    terms = []
+    if type(dx) is not jax.custom_derivatives.SymbolicZero:
+        terms.append(_patchify_conv(dx, kernel, strides, dimension_numbers, precision))
+    if type(dk) is not jax.custom_derivatives.SymbolicZero:
+        (ph, pw, cin, cout), (b, ho, wo, _) = kernel.shape, y.shape
+        patches = x[:, : ho * ph, : wo * pw].reshape(b, ho, ph, wo, pw, cin).transpose(0, 1, 3, 2, 4, 5)
+        dk_y = jnp.dot(patches.reshape(-1, ph * pw * cin), dk.reshape(-1, cout), precision=precision)
+        terms.append(dk_y.reshape(y.shape).astype(y.dtype))
+    return y, sum(terms[1:], terms[0])
 
 
-def _patchify_conv_bwd(strides, dimension_numbers, precision, res, g):
-    """The input's gradient as autodiff has it; the kernel's as one matmul of the patches with ``g``."""
-    x, kernel = res
-    _, input_vjp = jax.vjp(lambda x: _patchify_conv.fun(x, kernel, strides, dimension_numbers, precision), x)
-    (ph, pw, cin, cout), (b, ho, wo, _) = kernel.shape, g.shape
-    patches = x[:, : ho * ph, : wo * pw].reshape(b, ho, ph, wo, pw, cin).transpose(0, 1, 3, 2, 4, 5)
-    dk = jnp.dot(patches.reshape(-1, ph * pw * cin).T, g.reshape(-1, cout), precision=precision)
-    return input_vjp(g)[0], dk.reshape(kernel.shape).astype(kernel.dtype)
-
-
-_patchify_conv.defvjp(_patchify_conv_fwd, _patchify_conv_bwd)
+_patchify_conv.defjvp(_patchify_conv_jvp, symbolic_zeros=True)
 
 
 def _conv_general_dilated(
@@ -279,7 +363,9 @@ def _conv_general_dilated(
 
     Why: inside a loop (``TrainStep.run``'s ``lax.scan``) XLA:CPU left the kernel-gradient convolution in a
     layout it runs on its slow generic path, 150 ms per Swin-B step against ~5 ms (BENCHMARKS.md). The matmul
-    sums in another order than the convolution did: the kernel gradient moves by rounding.
+    sums in another order than the convolution did: the kernel gradient moves by rounding. It is a derivative
+    rule for forward mode (the kernel's tangent as a matmul of the patches), which reverse mode transposes, so
+    ``jax.jvp`` works through it too.
     """
     dn = jax.lax.conv_dimension_numbers(inputs.shape, kernel.shape, dimension_numbers)
     patchify = (
@@ -347,6 +433,9 @@ _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 class Mlp(nnx.Module):
     """fc1 -> activation (exact erf GELU by default) -> dropout -> fc2 -> dropout, as timm's ``Mlp``.
 
+    Traced in :func:`reverse_mode` with the first dropout off, the activation's output is recomputed in the backward
+    pass rather than kept (``Linear(act=...)``).
+
     ``drop`` is one rate for both dropouts or a pair ``(after the activation, after fc2)``; ``out_dim`` defaults to
     ``dim``; ``act`` is ``'gelu'`` (exact) or ``'relu'``; ``linear`` builds the two layers (default :func:`_linear`:
     timm's Swin init).
@@ -376,7 +465,10 @@ class Mlp(nnx.Module):
         self.drop2 = _dropout(drop2, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.drop2(self.fc2(self.drop1(_ACTIVATIONS[self.act](self.fc1(x)))))
+        h = self.fc1(x)
+        if _REVERSE_MODE.get() and (self.drop1.deterministic or self.drop1.rate == 0.0):
+            return self.drop2(self.fc2(h, act=_ACTIVATIONS[self.act]))  # the activation recomputed, not kept
+        return self.drop2(self.fc2(self.drop1(_ACTIVATIONS[self.act](h))))
 
 
 def merge_2x2(x: jax.Array) -> jax.Array:
