@@ -336,7 +336,11 @@ class SwinBase(nnx.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in the backward pass (``nnx.remat``), as timm's method of
         the same name: less memory for training, about one extra forward of compute. The parameter
-        tree (and so the timm mapping) is unchanged."""
+        tree (and so the timm mapping) is unchanged.
+
+        On XLA:CPU it saves nothing: the compiled program merges the recomputation with the forward's identical
+        computation and keeps the forward's activations after all (Swin-T's fp32 training step at batch 8: 897 MB
+        of temporaries without it, 901 MB with it; jax 0.10.2). Not measured on a GPU or TPU."""
         for stage in self.stage_modules:
             stage.grad_checkpointing = enable
 
