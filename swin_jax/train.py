@@ -487,11 +487,11 @@ class TrainStep:
         Why: each call's temporaries are allocated once and reused by all ``K`` steps, and the host
         dispatches once. On a CPU the temporaries are one fresh block per call (1.8 GB for Swin-B at batch 8)
         whose pages the kernel faults in and zeroes every time: with ``K = 8`` Swin-B's fp32 step goes from
-        1.01x to 1.10x timm eager (2-core AMD EPYC, BENCHMARKS.md). Costs: each ``K`` compiles its own program
-        (once); inside the loop the weights' in-place update needs copies of the weights that the one-step
-        program mostly avoids, 0.14 GB more temporaries for Swin-B (peak 4.1 GB against 3.8 at batch 8, the 8
-        stacked batches included; timm eager's is 4.3); and the host sees the metrics only after all ``K``
-        steps.
+        1.01x to 1.10x timm eager in one run (0.95x to 1.05x in another; 2-core AMD EPYC, BENCHMARKS.md).
+        Costs: each ``K`` compiles its own program (once); inside the loop the weights' in-place update needs
+        copies of the weights that the one-step program mostly avoids, 0.14 GB more temporaries for Swin-B
+        (peak 4.1 GB against 3.8 at batch 8, the 8 stacked batches included; timm eager's is 4.3); and the
+        host sees the metrics only after all ``K`` steps.
         """
         images = batches[0]
         if not hasattr(images, "ndim") or images.ndim != 5:
