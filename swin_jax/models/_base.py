@@ -338,9 +338,11 @@ class SwinBase(nnx.Module):
         the same name: less memory for training, about one extra forward of compute. The parameter
         tree (and so the timm mapping) is unchanged.
 
-        On XLA:CPU it saves nothing: the compiled program merges the recomputation with the forward's identical
-        computation and keeps the forward's activations after all (Swin-T's fp32 training step at batch 8: 897 MB
-        of temporaries without it, 901 MB with it; jax 0.10.2). Not measured on a GPU or TPU."""
+        On XLA:CPU ``nnx.remat`` saves nothing: the compiled program merges the recomputation with the forward's
+        identical computation and keeps the forward's activations after all (Swin-T's fp32 training step at batch
+        8: 897 MB of temporaries without it, 901 MB with it; jax 0.10.2). So in :func:`swin_jax.models.reverse_mode`
+        traces (``TrainStep``, ``train_step``) the blocks use a derivative rule of their own that
+        recomputes them in a form XLA cannot merge (``_layers._remat_block``): 478 MB for that step."""
         for stage in self.stage_modules:
             stage.grad_checkpointing = enable
 

@@ -548,8 +548,57 @@ def _scan_groups(groups: list[tuple[nnx.Module, ...]], keeps: list[list[float]],
     return x
 
 
+def _recompute_from_gradient(x: jax.Array, g: jax.Array) -> jax.Array:
+    """``x`` where the gradient ``g`` is finite along its last axis' first entry, else 0: the values of ``x`` (a
+    position whose gradient is not finite has non-finite gradients already), for a recomputation in the backward
+    pass that XLA cannot merge with the forward's identical computation (common-subexpression elimination; XLA:CPU
+    removes ``jax.checkpoint``'s optimization barriers before it). Elementwise over the leading axes, so no
+    communication where a mesh shards them."""
+    return jnp.where(jnp.isfinite(g[..., :1]), x, jnp.zeros_like(x))
+
+
+def _remat_block(block: nnx.Module, x: jax.Array, keep: jax.Array | None = None) -> jax.Array:
+    """``_call_block`` with the block recomputed in the backward pass from its input, for :func:`reverse_mode`
+    traces: a ``custom_vjp`` whose recomputation reads the input through :func:`_recompute_from_gradient`, so that
+    unlike ``nnx.remat`` it saves memory on XLA:CPU too. The drop path streams advance as in ``_call_block``; the
+    backward pass recomputes with the streams as they were, so with the same masks."""
+    graphdef, params, rest = nnx.split(block, nnx.Param, ...)
+    p_leaves, p_tree = jax.tree.flatten(params)
+    r_leaves, r_tree = jax.tree.flatten(rest)
+
+    def run(p_leaves, r_leaves, x, keep):
+        b = nnx.merge(graphdef, jax.tree.unflatten(p_tree, p_leaves), jax.tree.unflatten(r_tree, r_leaves))
+        y = _call_block(b, x, keep)
+        return y, jax.tree.leaves(nnx.state(b, nnx.Not(nnx.Param)))
+
+    def zeros(leaves):  # the cotangents of the RNG keys and counts
+        return [jnp.zeros_like(a) if jnp.issubdtype(a.dtype, jnp.inexact) else np.zeros(a.shape, jax.dtypes.float0)
+                for a in leaves]  # fmt: skip
+
+    @jax.custom_vjp
+    def f(p_leaves, r_leaves, x, keep):
+        return run(p_leaves, r_leaves, x, keep)
+
+    def fwd(p_leaves, r_leaves, x, keep):
+        return run(p_leaves, r_leaves, x, keep), (p_leaves, r_leaves, x, keep)
+
+    def bwd(res, cotangents):
+        p_leaves, r_leaves, x, keep = res
+        g = cotangents[0]
+        with reverse_mode():
+            _, vjp = jax.vjp(lambda p, x: run(p, r_leaves, x, keep)[0], p_leaves, _recompute_from_gradient(x, g))
+            d_p, d_x = vjp(g)
+        return d_p, zeros(r_leaves), d_x, None if keep is None else jnp.zeros_like(keep)
+
+    f.defvjp(fwd, bwd)
+    y, new_rest = f(p_leaves, r_leaves, x, keep)
+    nnx.update(block, jax.tree.unflatten(r_tree, new_rest))
+    return y
+
+
 def run_blocks(blocks: Sequence[nnx.Module], x: jax.Array, *, remat: bool = False, scan: bool = False) -> jax.Array:
-    """Run ``blocks`` in order; ``remat``: each block recomputed in the backward pass (``nnx.remat``).
+    """Run ``blocks`` in order; ``remat``: each block recomputed in the backward pass (``nnx.remat``; in a
+    :func:`reverse_mode` trace :func:`_remat_block`, which saves memory on XLA:CPU as well).
 
     ``scan``: consecutive pairs of blocks (regular + shifted) that are the same computation on different arrays run
     as one ``lax.scan`` over their stacked parameters, so the compiled program holds one pair per run instead of
@@ -557,7 +606,7 @@ def run_blocks(blocks: Sequence[nnx.Module], x: jax.Array, *, remat: bool = Fals
     drop path masks and RNG streams alike); XLA may order fp32 sums differently. Pairs that differ (a V2-CR block
     with its extra norm) and an odd last block run as they are.
     """
-    call = nnx.remat(_call_block) if remat else _call_block
+    call = (_remat_block if _REVERSE_MODE.get() else nnx.remat(_call_block)) if remat else _call_block
     blocks = list(blocks)
     groups = [tuple(blocks[i : i + 2]) for i in range(0, len(blocks) - 1, 2)] if scan else []
     if len(groups) < 2:
