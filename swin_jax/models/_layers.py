@@ -229,7 +229,8 @@ def reverse_mode() -> Iterator[None]:
     """Trace the model for reverse-mode differentiation only (a training step's ``jax.grad``).
 
     Inside it, layers may define their derivatives with ``jax.custom_vjp`` where that keeps fewer tensors for
-    the backward pass: the MLP recomputes its activation there instead of keeping it (:func:`_act_dot`). Values
+    the backward pass: the MLP recomputes its activation there instead of keeping it (:func:`_act_dot`), and
+    gradient checkpointing recomputes blocks in a form XLA:CPU does not undo (:func:`_remat_block`). Values
     and gradients are those of the plain model, up to rounding; forward-mode differentiation (``jax.jvp``,
     ``jax.linearize``, ``jax.jacfwd``) of a model traced inside it fails, so outside it (the default) every
     layer supports both modes. :class:`swin_jax.train.TrainStep` and :func:`swin_jax.train.train_step` trace
@@ -240,6 +241,15 @@ def reverse_mode() -> Iterator[None]:
         yield
     finally:
         _REVERSE_MODE.reset(token)
+
+
+def _recompute_from_gradient(x: jax.Array, g: jax.Array) -> jax.Array:
+    """``x`` where the gradient ``g`` is finite along its last axis' first entry, else 0: the values of ``x`` (a
+    position whose gradient is not finite has non-finite gradients already), for a recomputation in the backward
+    pass that XLA cannot merge with the forward's identical computation (common-subexpression elimination, which on
+    XLA:CPU undoes ``jax.checkpoint``'s recomputation despite its optimization barrier: the forward's tensors stay
+    alive). Elementwise over the leading axes, so no communication where a mesh shards them."""
+    return jnp.where(jnp.isfinite(g[..., :1]), x, jnp.zeros_like(x))
 
 
 def _dot(a: jax.Array, kernel: jax.Array, precision: Any, preferred_element_type: Any) -> jax.Array:
@@ -255,12 +265,10 @@ def _act_dot(act: Callable[[jax.Array], jax.Array], x: jax.Array, kernel: jax.Ar
     Why: the MLP's hidden activations are the largest tensors a Swin block keeps for its backward pass, and autodiff
     keeps two of them per block, the activation's input (for its derivative) and its output (for fc2's kernel
     gradient). Recomputing the output: Swin-B's fp32 training step on the CPU keeps 0.38 GB fewer temporaries at
-    batch 8, at the same speed (BENCHMARKS.md). ``jax.checkpoint`` cannot do this on the CPU: XLA:CPU removes its
-    optimization barrier early and then merges the recomputation with the forward's identical computation (CSE),
-    keeping the forward's tensor after all. Here the recomputation reads ``x`` through a select on the incoming
-    gradient (``x`` where that row's gradient is finite, else 0), which XLA cannot merge with the forward: the
-    same values (a row with a non-finite gradient has non-finite kernel gradients already), computed only when
-    the backward pass reaches it. The select is per row, so it needs no communication where a mesh shards rows.
+    batch 8, at the same speed (BENCHMARKS.md). ``jax.checkpoint`` cannot do this on the CPU: XLA:CPU merges its
+    recomputation with the forward's identical computation (CSE), keeping the forward's tensor after all. Here the
+    recomputation reads ``x`` through :func:`_recompute_from_gradient`, which XLA cannot merge with the forward:
+    the same values, computed only when the backward pass reaches it.
     """
     return _dot(act(x), kernel, precision, preferred_element_type)
 
@@ -271,8 +279,7 @@ def _act_dot_fwd(act, x, kernel, precision, preferred_element_type):
 
 def _act_dot_bwd(act, precision, preferred_element_type, res, g):
     x, kernel = res
-    x = jnp.where(jnp.isfinite(g[:, :1]), x, jnp.zeros_like(x))
-    a, act_vjp = jax.vjp(act, x)
+    a, act_vjp = jax.vjp(act, _recompute_from_gradient(x, g))
     _, dot_vjp = jax.vjp(lambda a, k: _dot(a, k, precision, preferred_element_type), a, kernel)
     da, dk = dot_vjp(g)
     return act_vjp(da)[0], dk
@@ -546,15 +553,6 @@ def _scan_groups(groups: list[tuple[nnx.Module, ...]], keeps: list[list[float]],
         for i, group in enumerate(groups):
             nnx.update(group, jax.tree.map(lambda a, i=i: a[i], new_rest))
     return x
-
-
-def _recompute_from_gradient(x: jax.Array, g: jax.Array) -> jax.Array:
-    """``x`` where the gradient ``g`` is finite along its last axis' first entry, else 0: the values of ``x`` (a
-    position whose gradient is not finite has non-finite gradients already), for a recomputation in the backward
-    pass that XLA cannot merge with the forward's identical computation (common-subexpression elimination; XLA:CPU
-    removes ``jax.checkpoint``'s optimization barriers before it). Elementwise over the leading axes, so no
-    communication where a mesh shards them."""
-    return jnp.where(jnp.isfinite(g[..., :1]), x, jnp.zeros_like(x))
 
 
 def _remat_block(block: nnx.Module, x: jax.Array, keep: jax.Array | None = None) -> jax.Array:
