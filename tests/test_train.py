@@ -463,9 +463,9 @@ def test_gradient_checkpointing_in_reverse_mode_saves_memory_on_the_cpu_too(scan
             value, grads = nnx.value_and_grad(loss_fn)(m)
             return value, grads, nnx.state(m, nnx.Not(nnx.Param))
 
-        fn = jax.jit(step)
-        value, grads, new_rest = fn(params, rest)
-        temps = fn.lower(params, rest).compile().memory_analysis().temp_size_in_bytes
+        compiled = jax.jit(step).lower(params, rest).compile()
+        value, grads, new_rest = compiled(params, rest)
+        temps = compiled.memory_analysis().temp_size_in_bytes
         runs[ckpt] = value, grads, new_rest, temps
     (v0, g0, r0, t0), (v1, g1, r1, t1) = runs[False], runs[True]
     assert t1 < 0.8 * t0, (t1, t0)
@@ -501,14 +501,16 @@ def test_models_support_forward_mode_differentiation(name, kw):
     def f(s, x):
         return nnx.merge(graphdef, s, rest)(x)
 
-    y, t = jax.jvp(f, (state, x), (v_s, v_x))
-    g = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
-    _, vjp = jax.vjp(f, state, x)
-    g_s, g_x = vjp(g)
-    lhs = float(jnp.vdot(g, t))
-    rhs = float(jnp.vdot(g_x, v_x)) + sum(
-        float(jnp.vdot(a, b)) for a, b in zip(jax.tree.leaves(g_s), jax.tree.leaves(v_s))
-    )
+    g = jnp.asarray(rng.normal(size=(x.shape[0], model.num_classes)), jnp.float32)
+
+    @jax.jit
+    def both_sides(state, x, v_s, v_x, g):
+        t = jax.jvp(f, (state, x), (v_s, v_x))[1]
+        g_s, g_x = jax.vjp(f, state, x)[1](g)
+        flat = zip(jax.tree.leaves(g_s), jax.tree.leaves(v_s))
+        return jnp.vdot(g, t), jnp.vdot(g_x, v_x) + sum(jnp.vdot(a, b) for a, b in flat)
+
+    lhs, rhs = map(float, both_sides(state, x, v_s, v_x, g))
     assert abs(lhs - rhs) <= 1e-4 * (abs(lhs) + abs(rhs)), (lhs, rhs)
 
 
