@@ -318,6 +318,11 @@ def _add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="training steps per call of the compiled step, same results (default: 1; 8 is faster on a CPU)",
     )
+    parser.add_argument(
+        "--grad-checkpointing",
+        action="store_true",
+        help="recompute each block in the backward pass: less memory, about one more forward of compute",
+    )
     parser.add_argument("--drop-path", type=_non_negative_float, default=0.1, metavar="X", help="stochastic depth")
     parser.add_argument("--clip-grad", type=_non_negative_float, metavar="NORM", help="clip the global gradient norm")
     parser.add_argument("--opt-eps", type=_non_negative_float, default=1e-8, metavar="EPS", help="AdamW epsilon")
@@ -404,6 +409,7 @@ def _run_finetune(args: argparse.Namespace) -> int:
             cutmix=args.cutmix,
             grad_accum_steps=args.grad_accum,
             steps_per_call=args.steps_per_call,
+            grad_checkpointing=args.grad_checkpointing,
             drop_path_rate=args.drop_path,
             clip_grad_norm=args.clip_grad,
             opt_eps=args.opt_eps,

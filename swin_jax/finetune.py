@@ -283,6 +283,7 @@ def finetune(
     cutmix: float = 0.0,
     grad_accum_steps: int = 1,
     steps_per_call: int = 1,
+    grad_checkpointing: bool = False,
     drop_path_rate: float = 0.1,
     clip_grad_norm: float | None = None,
     opt_eps: float = 1e-8,
@@ -323,10 +324,13 @@ def finetune(
             ``batch_size * grad_accum_steps``); the learning-rate schedule and the EMA count updates.
         steps_per_call: training steps per call of the compiled step (:meth:`swin_jax.train.TrainStep.run`):
             the same steps and results to the bit, fewer calls. On a CPU ``8`` makes Swin-B's step ~10% faster
-            (each call's temporaries are allocated once for all its steps) for 0.1-0.25 GB more peak memory. A
+            (each call's temporaries are allocated once for all its steps) for ~0.25 GB more peak memory. A
             call never runs past an epoch end, a checkpoint or ``max_steps``; the steps before one that do not fill
             a call run one per call, as a second compiled program: choose epoch and checkpoint intervals that are
             multiples of it. SIGTERM is noticed between calls.
+        grad_checkpointing: recompute each block in the backward pass (the model's ``set_grad_checkpointing``):
+            less memory, about one more forward pass of compute; the same training up to fp32 rounding (timm's
+            ``--grad-checkpointing``). Not part of the settings a resumed run must repeat.
         drop_path_rate: stochastic depth rate.
         opt_eps: AdamW's epsilon (timm's ``--opt-eps``).
         ema_decay: keep an EMA of the weights if set: evaluated every epoch too (``ema_*`` metrics), kept in
@@ -394,6 +398,7 @@ def finetune(
     devices, processes, is_main = _start_processes(distributed, batch_size)
     mgr, start_step, meta = _open_checkpoints(plan, resume, keep)
     net = _build_model(plan, model, pretrained, img_size, drop_path_rate, model_overrides)
+    net.set_grad_checkpointing(grad_checkpointing)
     train_loader, val_loader = _build_loaders(plan, net, worker_count, processes)
     optimizer, mesh, ema = _build_optimizer(
         plan, net, lr, weight_decay, layer_decay, clip_grad_norm, opt_eps, ema_decay, devices
