@@ -416,7 +416,7 @@ def test_mlp_keeps_two_hidden_size_tensors_for_the_backward_and_one_in_reverse_m
         # Linear folds leading axes, so a tensor may be kept as [2, 5, 32] or [10, 32]
         return len([s for s in shapes if s.endswith(",32") and math.prod(map(int, s.split(","))) == x.size * 4])
 
-    x = jnp.asarray(images((2, 5, 8), seed=1)[..., 0].reshape(2, 5, 1).repeat(8, -1) + np.arange(8.0))
+    x = jnp.ones((2, 5, 8))  # only the kept tensors' shapes are read
     assert hidden_kept(x) == 2
     with reverse_mode():
         assert hidden_kept(x) == 1

@@ -326,6 +326,11 @@ def _dropout(rate: float, rngs: nnx.Rngs, broadcast_dims: Sequence[int] = ()) ->
     return nnx.Dropout(rate, broadcast_dims=tuple(broadcast_dims), deterministic=True, rngs=rngs if rate > 0 else None)
 
 
+def dropout_active(module: nnx.Dropout) -> bool:
+    """Whether ``module`` changes its input: a non-zero rate, in train mode."""
+    return module.rate > 0 and not module.deterministic
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
 def _patchify_conv(x: jax.Array, kernel: jax.Array, strides: Any, dimension_numbers: Any, precision: Any) -> jax.Array:
     """``lax.conv_general_dilated`` of a patchify conv (NHWC input, HWIO kernel, stride = kernel size, VALID)."""
@@ -473,7 +478,7 @@ class Mlp(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = self.fc1(x)
-        if _REVERSE_MODE.get() and (self.drop1.deterministic or self.drop1.rate == 0.0):
+        if _REVERSE_MODE.get() and not dropout_active(self.drop1):
             return self.drop2(self.fc2(h, act=_ACTIVATIONS[self.act]))  # the activation recomputed, not kept
         return self.drop2(self.fc2(self.drop1(_ACTIVATIONS[self.act](h))))
 
@@ -493,7 +498,7 @@ def drop_path(module: nnx.Dropout, x: jax.Array, keep: jax.Array | None = None) 
     """``module(x)``, a drop path (``nnx.Dropout`` over all but the batch axis); with ``keep``, the same computation
     at keep probability ``keep`` (a traced scalar, for blocks run by :func:`run_blocks`' scan, whose rates differ)
     instead of ``1 - module.rate``: the same key from the module's stream, the same mask and the same scaling."""
-    if keep is None or module.deterministic or module.rate == 0.0:
+    if keep is None or not dropout_active(module):
         return module(x)
     shape = list(x.shape)
     for dim in module.broadcast_dims:
@@ -539,7 +544,7 @@ def _scan_groups(groups: list[tuple[nnx.Module, ...]], keeps: list[list[float]],
     graphdefs, params, rest = zip(*(nnx.split(g, nnx.Param, ...) for g in groups))
     graphdef = graphdefs[0]
     stacked = jax.tree.map(lambda *a: jnp.stack(a), *params), jax.tree.map(lambda *a: jnp.stack(a), *rest)
-    active = any(not b.drop_path1.deterministic and b.drop_path1.rate > 0 for b in groups[0])
+    active = any(dropout_active(b.drop_path1) for b in groups[0])
 
     def body(x, xs):
         p, r, keep = xs

@@ -35,6 +35,7 @@ from ._layers import (
     _linear,
     _trunc_normal_02,
     drop_path,
+    dropout_active,
     materialize_grad,
     merge_2x2,
 )
@@ -140,7 +141,7 @@ class WindowAttention(nnx.Module):
         impl = attention.resolve(self.attn_impl)
         q, k, v = self._qkv(x)
         bias = self.relative_position_bias()
-        if self.attn_drop.rate > 0 and not self.attn_drop.deterministic:
+        if dropout_active(self.attn_drop):
             attn = self.attn_drop(attention.attention_probs(q, k, bias, mask).astype(v.dtype))
             x = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b_, n, -1)
         else:

@@ -39,6 +39,7 @@ from ._layers import (
     _dropout,
     _linear,
     drop_path,
+    dropout_active,
     materialize_grad,
     merge_2x2,
 )
@@ -137,7 +138,7 @@ class CosineWindowAttention(nnx.Module):
         b_, n, _ = x.shape
         qkv = self._qkv(x)
         impl = attention.resolve(self.attn_impl)
-        if self.attn_drop.rate > 0 and not self.attn_drop.deterministic:
+        if dropout_active(self.attn_drop):
             attn = self.attn_drop(self._softmax(qkv, mask).astype(qkv.dtype))
             x = jnp.einsum("bhqk,bkhd->bqhd", attn, qkv[:, :, 2]).reshape(b_, n, -1)
         else:
