@@ -21,9 +21,10 @@ per window and head, in float32 softmax. They differ in how that is lowered:
 - ``'pallas'``: one Pallas kernel per window and head that keeps the ``N x N`` logits on chip: q·kᵀ, bias
   and mask, softmax, ·v. Triton on CUDA (tokens padded to a power of two: 49 -> 64, 144 -> 256), Mosaic on
   TPU (padded to a multiple of 8, eight windows per grid step), ``interpret=True`` on the CPU (slow: for
-  tests). Padded keys are masked exactly. The backward pass recomputes the attention in plain JAX. Mosaic
-  GPU is not used: its attention needs head_dim % 64 == 0, and every Swin has head_dim 32. Where no kernel
-  backend applies (ROCm) it runs the ``'xla'`` path.
+  tests). Padded keys are masked exactly. Its derivatives are plain JAX's: in a training step
+  (:func:`swin_jax.models.reverse_mode`) the backward pass recomputes the attention from q, k, v and the
+  bias. Mosaic GPU is not used: its attention needs head_dim % 64 == 0, and every Swin has head_dim 32.
+  Where no kernel backend applies (ROCm) it runs the ``'xla'`` path.
 - ``'auto'`` (the default): per platform, the implementation measured fastest there (:data:`AUTO_PICKS`).
 
 A Pallas kernel or cuDNN call is lowered for one platform; :func:`target_platform` names it. It is the
@@ -342,6 +343,8 @@ def _reference(q, k, v, full) -> jax.Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _pallas_attention(q, k, v, full, layout: str, interpret: bool) -> jax.Array:
+    """The kernel, differentiable in reverse mode only: the backward keeps q, k, v and the bias and recomputes the
+    attention from them (:func:`_reference`), so no ``N x N`` tensor is kept for it."""
     return _pallas_forward(q, k, v, full, layout, interpret)
 
 
@@ -358,7 +361,20 @@ def _pallas_bwd(layout, interpret, residuals, g):
 _pallas_attention.defvjp(_pallas_fwd, _pallas_bwd)
 
 
-def _pallas(q, k, v, bias, mask, platform: str) -> jax.Array:
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5))
+def _pallas_attention_any_mode(q, k, v, full, layout: str, interpret: bool) -> jax.Array:
+    """The kernel, differentiable in both modes: its tangent is :func:`_reference`'s (plain JAX), which reverse
+    mode transposes. That keeps the attention probabilities for a backward pass, as the einsum path does."""
+    return _pallas_forward(q, k, v, full, layout, interpret)
+
+
+@_pallas_attention_any_mode.defjvp
+def _pallas_jvp(layout, interpret, primals, tangents):
+    _, tangent = jax.jvp(_reference, primals, tangents)
+    return _pallas_forward(*primals, layout, interpret), tangent
+
+
+def _pallas(q, k, v, bias, mask, platform: str, reverse_only: bool) -> jax.Array:
     n = q.shape[1]
     layout = "tpu" if platform == "tpu" else "cuda"  # the CPU interprets Triton's layout: CPU tests cover it
     n_pad = _padded_tokens(n, layout)
@@ -367,11 +383,12 @@ def _pallas(q, k, v, bias, mask, platform: str) -> jax.Array:
     def heads_major(t):  # [BW, N, heads, d] -> [BW, heads, Np, d]
         return _pad_tokens(t, n_pad).transpose(0, 2, 1, 3)
 
-    out = _pallas_attention(heads_major(q), heads_major(k), heads_major(v), full, layout, platform == "cpu")
+    kernel = _pallas_attention if reverse_only else _pallas_attention_any_mode
+    out = kernel(heads_major(q), heads_major(k), heads_major(v), full, layout, platform == "cpu")
     return out.transpose(0, 2, 1, 3)[:, :n]
 
 
-def window_attention(impl: str, q, k, v, bias, mask: np.ndarray | None) -> jax.Array:
+def window_attention(impl: str, q, k, v, bias, mask: np.ndarray | None, *, reverse_only: bool = False) -> jax.Array:
     """Attention in each window with ``impl`` (a resolved name: see :func:`resolve`).
 
     Args:
@@ -379,6 +396,11 @@ def window_attention(impl: str, q, k, v, bias, mask: np.ndarray | None) -> jax.A
         q, k, v: ``[B * nW, N, heads, d]``, q already scaled.
         bias: relative position bias ``[heads, N, N]``.
         mask: shift mask ``[nW, N, N]`` or None.
+        reverse_only: the caller is differentiated in reverse mode only (the model is traced in
+            :func:`swin_jax.models.reverse_mode`). Then the Pallas kernel's backward recomputes the attention from
+            q, k, v and the bias, keeping no ``N x N`` tensor; otherwise its derivative is the plain-JAX function's
+            in forward mode (``jax.jvp`` works), which reverse mode transposes, keeping the probabilities as the
+            einsum path does. The other implementations ignore it.
 
     Returns:
         ``[B * nW, N, heads, d]``.
@@ -390,5 +412,5 @@ def window_attention(impl: str, q, k, v, bias, mask: np.ndarray | None) -> jax.A
     if impl == "cudnn":  # elsewhere, cuDNN's padded layout through XLA (how the CPU tests cover it)
         return _dot_product(q, k, v, bias, mask, "cudnn" if target_platform() == "cuda" else "xla", pad=True)
     if impl == "pallas":
-        return _pallas(q, k, v, bias, mask, target_platform())
+        return _pallas(q, k, v, bias, mask, target_platform(), reverse_only)
     raise ValueError(f"window_attention does not run {impl!r}")

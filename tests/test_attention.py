@@ -3,6 +3,8 @@ lowers for every platform it claims. The einsum path is the one test_model and t
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,6 +25,7 @@ from parity import (
 import swin_jax
 from swin_jax import attention
 from swin_jax.export import ExportError, export_model
+from swin_jax.models import reverse_mode
 from swin_jax.train import cross_entropy
 
 ARCH = "swin_tiny_patch4_window7_224"
@@ -42,9 +45,8 @@ def reference():
     return tm, x, y, timm_outputs(tm, x), timm_grads(tm, x, y)
 
 
-@nnx.jit
 def _maps_logits_grads(model, x, y):
-    """Stage maps, logits and parameter gradients of the cross-entropy loss from one compiled program."""
+    """Stage maps, logits and parameter gradients of the cross-entropy loss (jit it: one compiled program)."""
 
     def loss(m):
         final, maps = m.forward_intermediates(x)
@@ -55,11 +57,27 @@ def _maps_logits_grads(model, x, y):
     return maps, logits, grads
 
 
-@pytest.mark.parametrize("impl", KERNEL_IMPLS)
-def test_impl_matches_timm_outputs_and_gradients(reference, impl):
+@pytest.mark.parametrize(
+    "impl, reverse",
+    [(impl, False) for impl in KERNEL_IMPLS] + [("pallas", True)],
+    ids=[*KERNEL_IMPLS, "pallas-reverse_mode"],
+)
+def test_impl_matches_timm_outputs_and_gradients(reference, impl, reverse, monkeypatch):
+    """Outputs and gradients. The Pallas kernel has two derivative rules: plain JAX's jvp (both modes; the default)
+    and, traced in ``reverse_mode()`` as a training step is, a backward that recomputes the attention."""
     tm, x, y, ref, ref_grads = reference
     model = jax_from_timm(tm, ARCH, attn_impl=impl, **CFG)
-    maps, logits, grads = _maps_logits_grads(model, jnp.asarray(x), jnp.asarray(y))
+    used = []
+
+    def spy(rule, f):
+        return lambda *args: used.append(rule) or f(*args)
+
+    for rule in ("_pallas_attention", "_pallas_attention_any_mode"):
+        monkeypatch.setattr(attention, rule, spy(rule, getattr(attention, rule)))
+    with reverse_mode() if reverse else contextlib.nullcontext():  # a fresh jit: its trace sees the context
+        maps, logits, grads = nnx.jit(_maps_logits_grads)(model, jnp.asarray(x), jnp.asarray(y))
+    if impl == "pallas":
+        assert set(used) == {"_pallas_attention" if reverse else "_pallas_attention_any_mode"}
     assert_close(logits, ref["logits"], what=f"{impl} logits")
     for i, (a, b) in enumerate(zip(maps, ref["maps"], strict=True)):
         assert_close(a, b, what=f"{impl} stage {i} map")

@@ -483,6 +483,7 @@ def test_gradient_checkpointing_in_reverse_mode_saves_memory_on_the_cpu_too(scan
     "name, kw",
     [
         (ARCH, {}),
+        (ARCH, {"attn_impl": "pallas"}),  # the kernel (interpreted here) with plain JAX's tangent
         ("swinv2_tiny_window8_256", {"window_size": 4}),
         ("swinv2_cr_tiny_224", {"window_size": 4}),
     ],

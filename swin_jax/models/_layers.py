@@ -230,7 +230,8 @@ def reverse_mode() -> Iterator[None]:
 
     Inside it, layers may define their derivatives with ``jax.custom_vjp`` where that keeps fewer tensors for
     the backward pass: the MLP recomputes its activation there instead of keeping it (:func:`_act_dot`), and
-    gradient checkpointing recomputes blocks in a form XLA:CPU does not undo (:func:`_remat_block`). Values
+    gradient checkpointing recomputes blocks in a form XLA:CPU does not undo (:func:`_remat_block`), and the Pallas
+    attention kernel's backward recomputes the attention instead of keeping its probabilities. Values
     and gradients are those of the plain model, up to rounding; forward-mode differentiation (``jax.jvp``,
     ``jax.linearize``, ``jax.jacfwd``) of a model traced inside it fails, so outside it (the default) every
     layer supports both modes. :class:`swin_jax.train.TrainStep` and :func:`swin_jax.train.train_step` trace
@@ -241,6 +242,11 @@ def reverse_mode() -> Iterator[None]:
         yield
     finally:
         _REVERSE_MODE.reset(token)
+
+
+def in_reverse_mode() -> bool:
+    """Whether the model is being traced inside :func:`reverse_mode`."""
+    return _REVERSE_MODE.get()
 
 
 def _recompute_from_gradient(x: jax.Array, g: jax.Array) -> jax.Array:
@@ -478,7 +484,7 @@ class Mlp(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = self.fc1(x)
-        if _REVERSE_MODE.get() and not dropout_active(self.drop1):
+        if in_reverse_mode() and not dropout_active(self.drop1):
             return self.drop2(self.fc2(h, act=_ACTIVATIONS[self.act]))  # the activation recomputed, not kept
         return self.drop2(self.fc2(self.drop1(_ACTIVATIONS[self.act](h))))
 
@@ -609,7 +615,7 @@ def run_blocks(blocks: Sequence[nnx.Module], x: jax.Array, *, remat: bool = Fals
     drop path masks and RNG streams alike); XLA may order fp32 sums differently. Pairs that differ (a V2-CR block
     with its extra norm) and an odd last block run as they are.
     """
-    call = (_remat_block if _REVERSE_MODE.get() else nnx.remat(_call_block)) if remat else _call_block
+    call = (_remat_block if in_reverse_mode() else nnx.remat(_call_block)) if remat else _call_block
     blocks = list(blocks)
     groups = [tuple(blocks[i : i + 2]) for i in range(0, len(blocks) - 1, 2)] if scan else []
     if len(groups) < 2:

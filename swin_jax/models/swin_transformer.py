@@ -36,6 +36,7 @@ from ._layers import (
     _trunc_normal_02,
     drop_path,
     dropout_active,
+    in_reverse_mode,
     materialize_grad,
     merge_2x2,
 )
@@ -145,7 +146,8 @@ class WindowAttention(nnx.Module):
             attn = self.attn_drop(attention.attention_probs(q, k, bias, mask).astype(v.dtype))
             x = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b_, n, -1)
         else:
-            x = attention.window_attention(impl, q, k, v, bias, mask).reshape(b_, n, -1)
+            x = attention.window_attention(impl, q, k, v, bias, mask, reverse_only=in_reverse_mode())
+            x = x.reshape(b_, n, -1)
         return self.proj_drop(self.proj(x))
 
 

@@ -40,6 +40,7 @@ from ._layers import (
     _linear,
     drop_path,
     dropout_active,
+    in_reverse_mode,
     materialize_grad,
     merge_2x2,
 )
@@ -147,7 +148,8 @@ class CosineWindowAttention(nnx.Module):
             if impl == "einsum":  # the scale on the logits, as timm
                 x = attention.softmax_attention(q, k, v, bias, mask, scale)
             else:  # the kernels take q pre-scaled: the per-head logit scale folds into the normalized q
-                x = attention.window_attention(impl, q * scale.astype(q.dtype)[None, None, :, None], k, v, bias, mask)
+                q = q * scale.astype(q.dtype)[None, None, :, None]
+                x = attention.window_attention(impl, q, k, v, bias, mask, reverse_only=in_reverse_mode())
             x = x.reshape(b_, n, -1)
         return self.proj_drop(self.proj(x))
 
