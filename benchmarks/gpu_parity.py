@@ -27,7 +27,6 @@ through the eval transform when scikit-image is installed (the output says if it
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import datetime
 import json
@@ -54,10 +53,9 @@ from parity import (  # noqa: E402
     rel_err,
     rms_rel_err,
     timm_model,
-    to_nchw,
+    timm_outputs,
 )
 from tf32 import emulate_tf32  # noqa: E402
-from timm.models.swin_transformer_v2_cr import SwinTransformerV2Cr  # noqa: E402
 
 import swin_jax  # noqa: E402
 from swin_jax.convert.verify import timm_float64  # noqa: E402
@@ -69,27 +67,6 @@ KEYS = ("logits", "features", "pre_logits")
 def _set_torch_tf32(on: bool) -> None:
     torch.backends.cuda.matmul.allow_tf32 = on
     torch.backends.cudnn.allow_tf32 = on
-
-
-def timm_outputs(tmodel: torch.nn.Module, x: np.ndarray, device: str, bf16: bool = False) -> dict:
-    """tests/parity.py's ``timm_outputs`` on ``device``, optionally under bf16 autocast."""
-    autocast = torch.autocast(device, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    with torch.no_grad(), autocast:
-        xt = to_nchw(x).to(device)
-        feats = tmodel.forward_features(xt)
-        maps = tmodel.forward_intermediates(xt, intermediates_only=True)
-        out = dict(
-            logits=tmodel.forward_head(feats),
-            features=feats.permute(0, 2, 3, 1) if isinstance(tmodel, SwinTransformerV2Cr) else feats,  # NCHW
-            pre_logits=tmodel.forward_head(feats, pre_logits=True),
-            maps=[m.permute(0, 2, 3, 1) for m in maps],
-        )
-    wide = torch.float64 if x.dtype == np.float64 else torch.float32
-
-    def host(t: torch.Tensor) -> np.ndarray:
-        return t.to(wide).cpu().numpy()
-
-    return {k: [host(m) for m in v] if k == "maps" else host(v) for k, v in out.items()}
 
 
 def compare(ours: dict, ref: dict, err=rel_err) -> dict:

@@ -11,10 +11,9 @@ import numpy as np
 import timm
 import torch
 from flax import nnx
-from timm.models.swin_transformer_v2_cr import SwinTransformerV2Cr
 
 import swin_jax
-from swin_jax.convert.verify import FP32_MAX_REL_TOL, FP32_VS_TIMM_FACTOR, rms_rel_err, timm_float64
+from swin_jax.convert.verify import FP32_MAX_REL_TOL, FP32_VS_TIMM_FACTOR, rms_rel_err, timm_float64, timm_outputs
 from swin_jax.train import cross_entropy
 
 # max|ours - timm| / max|timm| at fp32 on CPU
@@ -133,21 +132,6 @@ def timm_attention_probs(
         for h in hooks:
             h.remove()
     return {k: v.numpy() for k, v in inputs.items()}, {k: v.numpy() for k, v in probs.items()}
-
-
-def timm_outputs(tmodel: torch.nn.Module, x: np.ndarray) -> dict[str, Any]:
-    """timm's logits, forward_features, stage maps (NHWC) and pre-logits for NHWC input ``x``."""
-    with torch.no_grad():
-        xt = to_nchw(x)
-        feats = tmodel.forward_features(xt)
-        maps = tmodel.forward_intermediates(xt, intermediates_only=True)
-        nhwc = feats.permute(0, 2, 3, 1) if isinstance(tmodel, SwinTransformerV2Cr) else feats  # V2-CR's is NCHW
-        return dict(
-            logits=tmodel.forward_head(feats).numpy(),
-            features=nhwc.numpy(),
-            pre_logits=tmodel.forward_head(feats, pre_logits=True).numpy(),
-            maps=[m.permute(0, 2, 3, 1).numpy() for m in maps],
-        )
 
 
 def outputs(model: nnx.Module, x: jax.Array) -> dict[str, Any]:

@@ -36,6 +36,7 @@ __all__ = [
     "VerifyError",
     "timm_reference",
     "timm_float64",
+    "timm_outputs",
     "rms_rel_err",
     "verify_inputs",
     "compare",
@@ -205,18 +206,42 @@ def _jax_run(model: swin_jax.SwinTransformer, x: jax.Array) -> dict[str, jax.Arr
     }
 
 
-def _timm_outputs(tmodel: Any, x: np.ndarray) -> dict[str, np.ndarray]:
-    import torch
+def timm_outputs(tmodel: Any, x: np.ndarray, device: str = "cpu", bf16: bool = False) -> dict[str, Any]:
+    """timm's logits, ``forward_features`` (NHWC), pre-logits and stage maps (NHWC, a list) for NHWC input ``x``,
+    computed on torch device ``device`` (optionally under bf16 autocast) and returned as numpy arrays in ``x``'s
+    precision: float64 for float64 input (a :func:`timm_float64` model), else float32."""
+    import contextlib
 
-    with torch.no_grad():
-        xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+    import torch
+    from timm.models.swin_transformer_v2_cr import SwinTransformerV2Cr
+
+    autocast = torch.autocast(device, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    with torch.no_grad(), autocast:
+        xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device)
         feats = tmodel.forward_features(xt)
-        maps = tmodel.forward_intermediates(xt, intermediates_only=True)
-        return {
-            "logits": tmodel.forward_head(feats).numpy(),
-            **{f"stage{i}": m.permute(0, 2, 3, 1).numpy() for i, m in enumerate(maps)},  # NCHW -> NHWC
-            "pre_logits": tmodel.forward_head(feats, pre_logits=True).numpy(),
-        }
+        maps = tmodel.forward_intermediates(xt, intermediates_only=True)  # NCHW
+        out = dict(
+            logits=tmodel.forward_head(feats),
+            features=feats.permute(0, 2, 3, 1) if isinstance(tmodel, SwinTransformerV2Cr) else feats,  # V2-CR: NCHW
+            pre_logits=tmodel.forward_head(feats, pre_logits=True),
+            maps=[m.permute(0, 2, 3, 1) for m in maps],
+        )
+    wide = torch.float64 if x.dtype == np.float64 else torch.float32
+
+    def host(t: Any) -> np.ndarray:
+        return t.to(wide).cpu().numpy()
+
+    return {k: [host(m) for m in v] if k == "maps" else host(v) for k, v in out.items()}
+
+
+def _timm_run(tmodel: Any, x: np.ndarray) -> dict[str, np.ndarray]:
+    """:func:`timm_outputs` in :func:`_jax_run`'s form."""
+    out = timm_outputs(tmodel, x)
+    return {
+        "logits": out["logits"],
+        **{f"stage{i}": m for i, m in enumerate(out["maps"])},
+        "pre_logits": out["pre_logits"],
+    }
 
 
 def rms_rel_err(ours: Any, ref: Any) -> float:
@@ -240,9 +265,9 @@ def compare(model: swin_jax.SwinTransformer, tmodel: Any, x: np.ndarray) -> Repo
     V2-CR model is compared with timm in float64 by root-mean-square error, against timm fp32's own (module
     docstring)."""
     ours = jax.tree_util.tree_map(np.asarray, _jax_run(model, x))
-    ref32 = _timm_outputs(tmodel, x)
+    ref32 = _timm_run(tmodel, x)
     cosine = isinstance(model, (swin_jax.SwinTransformerV2, swin_jax.SwinTransformerV2Cr))
-    ref = _timm_outputs(timm_float64(tmodel), x.astype(np.float64)) if cosine else ref32
+    ref = _timm_run(timm_float64(tmodel), x.astype(np.float64)) if cosine else ref32
     parts = (slice(0, 1), slice(1, None))  # the photo, the random batch
     rows, rms, timm_rms = [], [], []
     for name in ref:
