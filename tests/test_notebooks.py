@@ -84,8 +84,10 @@ def test_stored_without_outputs_and_with_one_parameter(name):
 
 
 @pytest.mark.parametrize("name", EXPECTED)
-def test_notebook_runs_offline_and_says_random_weights(name):
-    nb = execute(NOTEBOOKS / f"{name}.ipynb")
+def test_notebook_runs_offline_and_says_random_weights(name, tmp_path):
+    # the kernel's temporary files (04's work directory: data, run, timm export) go to pytest's tmp_path, which
+    # pytest prunes, not to /tmp, where a notebook leaves them for its reader
+    nb = execute(NOTEBOOKS / f"{name}.ipynb", env={**CI_ENV, "TMPDIR": str(tmp_path)})
     text = _text(nb)
     assert "RANDOM WEIGHTS, NOT PRETRAINED" in text, "the random-weights fallback must be said visibly"
     assert "image/png" in str([o.get("data", {}).keys() for c in nb.cells for o in c.get("outputs", [])]), "no plot"
