@@ -24,7 +24,8 @@ per window and head, in float32 softmax. They differ in how that is lowered:
   tests). Padded keys are masked exactly. Its derivatives are plain JAX's: in a training step
   (:func:`swin_jax.models.reverse_mode`) the backward pass recomputes the attention from q, k, v and the
   bias. Mosaic GPU is not used: its attention needs head_dim % 64 == 0, and every Swin has head_dim 32.
-  Where no kernel backend applies (ROCm) it runs the ``'xla'`` path.
+  Where no kernel backend applies (ROCm) it runs the ``'xla'`` path. jax 0.11 deprecates Pallas's Triton
+  backend (the CUDA kernel lowers with a ``DeprecationWarning``; a later jax removes it).
 - ``'auto'`` (the default): per platform, the implementation measured fastest there (:data:`AUTO_PICKS`).
 
 A Pallas kernel or cuDNN call is lowered for one platform; :func:`target_platform` names it. It is the

@@ -53,8 +53,15 @@ def _check_platforms(platforms: Sequence[str]) -> tuple[str, ...]:
 
 
 # Pallas on CUDA lowers to a Triton kernel, a custom call jax.export gives no compatibility guarantee for: the
-# artifact runs with a jaxlib close to the one that exported it.
+# artifact runs with a jaxlib close to the one that exported it. jax >= 0.11 names the call's target (its value "is
+# not guaranteed to be stable"); before that, this name was the only one.
 _TRITON_CALL = "__gpu$xla.gpu.triton"
+
+
+def _triton_call() -> str:
+    from jax.experimental.pallas import triton as pl_triton
+
+    return getattr(pl_triton, "CUSTOM_CALL_TARGET_NAME", _TRITON_CALL)
 
 
 def _has_cuda() -> bool:
@@ -126,7 +133,7 @@ def export_model(
     (batch,) = jax.export.symbolic_shape("batch") if batch_size is None else (batch_size,)
     h, w = model.img_size
     spec = jax.ShapeDtypeStruct((batch, h, w, model.in_chans), jnp.float32)
-    checks = [jax.export.DisabledSafetyCheck.custom_call(_TRITON_CALL)] if target == "cuda" else []
+    checks = [jax.export.DisabledSafetyCheck.custom_call(_triton_call())] if target == "cuda" else []
     with attention.lowering_for(target):
         return jax.export.export(jax.jit(serve), platforms=platforms, disabled_checks=checks)(spec)
 

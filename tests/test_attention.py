@@ -147,7 +147,7 @@ def test_attention_dropout_runs_the_einsum_path():
 # ----------------------------------------------------------------------------------------------------------
 
 EXPORT_CFG = dict(embed_dim=16, depths=(2, 1), num_heads=(2, 2), img_size=(32, 24), window_size=5, num_classes=4)
-KERNEL_MARK = {("pallas", "cuda"): "__gpu$xla.gpu.triton", ("pallas", "tpu"): "tpu_custom_call"}
+KERNEL_MARK = {("pallas", "cuda"): swin_jax.export._triton_call(), ("pallas", "tpu"): "tpu_custom_call"}
 
 
 @pytest.fixture(scope="module")
