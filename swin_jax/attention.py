@@ -365,7 +365,8 @@ _pallas_attention.defvjp(_pallas_fwd, _pallas_bwd)
 @functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5))
 def _pallas_attention_any_mode(q, k, v, full, layout: str, interpret: bool) -> jax.Array:
     """The kernel, differentiable in both modes: its tangent is :func:`_reference`'s (plain JAX), which reverse
-    mode transposes. That keeps the attention probabilities for a backward pass, as the einsum path does."""
+    mode transposes. A differentiated call therefore also computes the probabilities in plain JAX, next to the
+    kernel, and a backward pass keeps them, as the einsum path does."""
     return _pallas_forward(q, k, v, full, layout, interpret)
 
 
@@ -400,8 +401,9 @@ def window_attention(impl: str, q, k, v, bias, mask: np.ndarray | None, *, rever
         reverse_only: the caller is differentiated in reverse mode only (the model is traced in
             :func:`swin_jax.models.reverse_mode`). Then the Pallas kernel's backward recomputes the attention from
             q, k, v and the bias, keeping no ``N x N`` tensor; otherwise its derivative is the plain-JAX function's
-            in forward mode (``jax.jvp`` works), which reverse mode transposes, keeping the probabilities as the
-            einsum path does. The other implementations ignore it.
+            in forward mode (``jax.jvp`` works), which reverse mode transposes: a differentiated call computes the
+            probabilities in plain JAX too and a backward pass keeps them, as the einsum path does. The other
+            implementations ignore it.
 
     Returns:
         ``[B * nW, N, heads, d]``.
