@@ -15,6 +15,7 @@ from 0.3x to 4.1x timm fp32's for the same function, with the CPU's rounding dec
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -210,8 +211,6 @@ def timm_outputs(tmodel: Any, x: np.ndarray, device: str = "cpu", bf16: bool = F
     """timm's logits, ``forward_features`` (NHWC), pre-logits and stage maps (NHWC, a list) for NHWC input ``x``,
     computed on torch device ``device`` (optionally under bf16 autocast) and returned as numpy arrays in ``x``'s
     precision: float64 for float64 input (a :func:`timm_float64` model), else float32."""
-    import contextlib
-
     import torch
     from timm.models.swin_transformer_v2_cr import SwinTransformerV2Cr
 
