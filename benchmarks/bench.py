@@ -88,7 +88,7 @@ ATTN_EXTRA = [
     f"jax-{kind}{dtype}@{impl}"
     for kind in ("", "train-")
     for dtype in ("fp32", "bf16")
-    for impl in ("einsum", "xla", "cudnn", "pallas")
+    for impl in ("einsum", "xla", "cudnn", "pallas", "pallas_fused")
 ]
 TRAIN = ["jax-train-fp32", "timm-train-eager-fp32"]
 TRAIN_GPU = [

@@ -38,9 +38,9 @@ case $part in
     ;;
 4)
     timeout 200 python benchmarks/gpu_parity.py --model swin_tiny_patch4_window7_224 --batch 4 \
-        --attn-impls auto xla cudnn pallas --out "$out/parity-attn.json"
+        --attn-impls auto xla cudnn pallas pallas_fused --out "$out/parity-attn.json"
     bench --batches 256 64 1 --train-batch 0 --out "$out/gpu-part4.json" --variants \
-        jax-bf16@einsum jax-bf16@xla jax-bf16@cudnn jax-bf16@pallas
+        jax-bf16@einsum jax-bf16@xla jax-bf16@cudnn jax-bf16@pallas jax-bf16@pallas_fused
     ;;
 *)
     echo "unknown part $part" >&2

@@ -26,6 +26,14 @@ per window and head, in float32 softmax. They differ in how that is lowered:
   bias. Mosaic GPU is not used: its attention needs head_dim % 64 == 0, and every Swin has head_dim 32.
   Where no kernel backend applies (ROCm) it runs the ``'xla'`` path. jax 0.11 deprecates Pallas's Triton
   backend (the CUDA kernel lowers with a ``DeprecationWarning``; a later jax removes it).
+- ``'pallas_fused'``: one Pallas kernel per window and head that also does the block's cyclic shift, padding to
+  whole windows, partition and merge (:func:`map_attention`). It reads q, k and v from the map's tokens as the
+  qkv projection writes them (``[B, H * W, 3, heads, d]``: no roll, pad, partition, q/k/v split or heads-major
+  transpose in XLA; V1's q is scaled in the kernel), gathers each window's rows by index arithmetic, computes
+  timm's shift mask from the token coordinates, and scatters the outputs back to the map, ready for the output
+  projection. timm's padded tokens (zeros before the projection) are keys with a zero token's k and v. Triton on
+  CUDA (gathered loads, masked stores), interpreted on the CPU. Mosaic TPU loads cannot gather rows, so on TPU it
+  runs the windowed ``'pallas'`` kernel; ROCm runs ``'xla'``. Derivatives as ``'pallas'``'s.
 - ``'auto'`` (the default): per platform, the implementation measured fastest there (:data:`AUTO_PICKS`).
 
 A Pallas kernel or cuDNN call is lowered for one platform; :func:`target_platform` names it. It is the
@@ -39,6 +47,7 @@ import contextlib
 import contextvars
 import functools
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -57,9 +66,11 @@ __all__ = [
     "attention_probs",
     "softmax_attention",
     "window_attention",
+    "MapGeometry",
+    "map_attention",
 ]
 
-IMPLS = ("einsum", "xla", "cudnn", "pallas")
+IMPLS = ("einsum", "xla", "cudnn", "pallas", "pallas_fused")
 
 # What 'auto' runs on each platform, from measurements (BENCHMARKS.md). On the CPU (Swin-B fp32 batch 8, three
 # runs) 'xla' was within the machine's run-to-run spread of 'einsum' and the padded cuDNN layout slower, so the
@@ -111,7 +122,9 @@ def resolve(name: str, platform: str | None = None) -> str:
     name = check_attn_impl(name)
     if name == "auto":
         return AUTO_PICKS.get(platform, "einsum")
-    if name == "pallas" and platform not in ("cpu", "cuda", "tpu"):
+    if name == "pallas_fused" and platform == "tpu":  # Mosaic TPU loads no gathered rows: the windowed kernel
+        return "pallas"
+    if name in ("pallas", "pallas_fused") and platform not in ("cpu", "cuda", "tpu"):
         return "xla"
     return name
 
@@ -273,18 +286,25 @@ def _matmul_precision():
     return jax.lax.Precision.HIGHEST if value in ("highest", "float32", "HIGHEST") else None
 
 
+def _attend(q, k, v, full, precision) -> jax.Array:
+    """One window's attention in a kernel: ``q``, ``k``, ``v`` ``[Np, d]``, ``full`` (bias and mask) ``[Np, Np]``.
+    Rounding follows the einsum path: logits in the compute dtype, bias added there, softmax in float32 (or
+    wider: a float64 model, interpreted, stays float64)."""
+    acc = jnp.promote_types(q.dtype, jnp.float32)
+    s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=acc)
+    s = (s.astype(q.dtype) + full).astype(acc)
+    p = jnp.exp(s - jnp.max(s, axis=1, keepdims=True))
+    p = p / jnp.sum(p, axis=1, keepdims=True)
+    return jax.lax.dot_general(
+        p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=acc
+    )
+
+
 def _window_kernel(q_ref, k_ref, v_ref, b_ref, o_ref, *, groups: int, per_window_bias: bool, precision):
     """One grid step: ``groups`` windows of one head. Refs: q, k, v, o ``[G, 1, Np, d]``, bias ``[G or 1, 1, Np,
-    Np]``. Rounding follows the einsum path: logits in the compute dtype, bias added there, softmax in f32."""
+    Np]``."""
     for g in range(groups):
-        q, k, v = q_ref[g, 0], k_ref[g, 0], v_ref[g, 0]
-        s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32)
-        s = (s.astype(q.dtype) + b_ref[g if per_window_bias else 0, 0]).astype(jnp.float32)
-        p = jnp.exp(s - jnp.max(s, axis=1, keepdims=True))
-        p = p / jnp.sum(p, axis=1, keepdims=True)
-        o = jax.lax.dot_general(
-            p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
-        )
+        o = _attend(q_ref[g, 0], k_ref[g, 0], v_ref[g, 0], b_ref[g if per_window_bias else 0, 0], precision)
         o_ref[g, 0] = o.astype(o_ref.dtype)
 
 
@@ -338,42 +358,51 @@ def _reference(q, k, v, full) -> jax.Array:
     nwb = full.shape[0]
     s = jnp.einsum("bhqd,bhkd->bhqk", q, k)
     s = (s.reshape(-1, nwb, heads, n_pad, n_pad) + full.astype(s.dtype)).reshape(bw, heads, n_pad, n_pad)
-    p = softmax(s.astype(jnp.float32)).astype(v.dtype)
+    p = softmax(s.astype(jnp.promote_types(s.dtype, jnp.float32))).astype(v.dtype)
     return jnp.einsum("bhqk,bhkd->bhqd", p, v)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _pallas_attention(q, k, v, full, layout: str, interpret: bool) -> jax.Array:
-    """The kernel, differentiable in reverse mode only: the backward keeps q, k, v and the bias and recomputes the
-    attention from them (:func:`_reference`), so no ``N x N`` tensor is kept for it."""
-    return _pallas_forward(q, k, v, full, layout, interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _pallas_attention(kernel, reference, args: tuple) -> jax.Array:
+    """``kernel(*args)``, differentiable in reverse mode only: the backward keeps ``args`` (q, k, v, the bias, ...)
+    and recomputes the attention from them with ``reference(*args)`` (the same function in plain JAX), so no
+    ``N x N`` tensor is kept for it."""
+    return kernel(*args)
 
 
-def _pallas_fwd(q, k, v, full, layout, interpret):
-    return _pallas_forward(q, k, v, full, layout, interpret), (q, k, v, full)
+def _pallas_fwd(kernel, reference, args):
+    return kernel(*args), args
 
 
-def _pallas_bwd(layout, interpret, residuals, g):
-    del layout, interpret
-    _, vjp = jax.vjp(_reference, *residuals)
-    return vjp(g)
+def _pallas_bwd(kernel, reference, args, g):
+    del kernel
+    _, vjp = jax.vjp(reference, *args)
+    return (vjp(g),)
 
 
 _pallas_attention.defvjp(_pallas_fwd, _pallas_bwd)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5))
-def _pallas_attention_any_mode(q, k, v, full, layout: str, interpret: bool) -> jax.Array:
-    """The kernel, differentiable in both modes: its tangent is :func:`_reference`'s (plain JAX), which reverse
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _pallas_attention_any_mode(kernel, reference, args: tuple) -> jax.Array:
+    """``kernel(*args)``, differentiable in both modes: its tangent is ``reference``'s (plain JAX), which reverse
     mode transposes. A differentiated call therefore also computes the probabilities in plain JAX, next to the
     kernel, and a backward pass keeps them, as the einsum path does."""
-    return _pallas_forward(q, k, v, full, layout, interpret)
+    return kernel(*args)
 
 
 @_pallas_attention_any_mode.defjvp
-def _pallas_jvp(layout, interpret, primals, tangents):
-    _, tangent = jax.jvp(_reference, primals, tangents)
-    return _pallas_forward(*primals, layout, interpret), tangent
+def _pallas_jvp(kernel, reference, primals, tangents):
+    (args,), (dargs,) = primals, tangents
+    _, tangent = jax.jvp(reference, args, dargs)
+    return kernel(*args), tangent
+
+
+def _differentiable(kernel, reference, args: tuple, reverse_only: bool) -> jax.Array:
+    """``kernel(*args)`` with ``reference``'s derivatives: recomputed in the backward pass (``reverse_only``), else
+    plain JAX's in both modes."""
+    rule = _pallas_attention if reverse_only else _pallas_attention_any_mode
+    return rule(kernel, reference, args)
 
 
 def _pallas(q, k, v, bias, mask, platform: str, reverse_only: bool) -> jax.Array:
@@ -385,16 +414,174 @@ def _pallas(q, k, v, bias, mask, platform: str, reverse_only: bool) -> jax.Array
     def heads_major(t):  # [BW, N, heads, d] -> [BW, heads, Np, d]
         return _pad_tokens(t, n_pad).transpose(0, 2, 1, 3)
 
-    kernel = _pallas_attention if reverse_only else _pallas_attention_any_mode
-    out = kernel(heads_major(q), heads_major(k), heads_major(v), full, layout, platform == "cpu")
+    kernel = functools.partial(_pallas_forward, layout=layout, interpret=platform == "cpu")
+    out = _differentiable(kernel, _reference, (heads_major(q), heads_major(k), heads_major(v), full), reverse_only)
     return out.transpose(0, 2, 1, 3)[:, :n]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Fused Pallas kernel: shift, pad, partition, attention and merge on the block's map
+# ------------------------------------------------------------------------------------------------------------
+
+
+class MapGeometry(NamedTuple):
+    """A block's attention geometry on its map: the feature ``size`` (H, W), the (clipped) ``window`` and the
+    cyclic ``shift`` (0 for a regular block), as timm's block uses them."""
+
+    size: tuple[int, int]
+    window: tuple[int, int]
+    shift: tuple[int, int]
+
+
+def _region(coord: jax.Array, padded: int, window: int, shift: int) -> jax.Array:
+    """timm's shift-mask region along one axis of the shifted, padded map: 0 before the last window, 1 in it, 2 in
+    its last ``shift`` rows (the ones the cyclic shift wrapped around)."""
+    region = (coord >= padded - window).astype(jnp.int32)
+    if shift:
+        region = region + (coord >= padded - shift).astype(jnp.int32)
+    return region
+
+
+def _map_kernel(qkv_ref, b_ref, *refs, geometry: MapGeometry, q_scale: float | None, n_pad: int, precision):
+    """One grid step: one window of one image and one head, gathered from the unshifted map.
+
+    Refs: qkv ``[B, H * W, 3, heads, d]`` (the map's tokens row-major, as the qkv projection writes them), bias
+    ``[heads, Np, Np]`` (padded keys at the dtype's minimum), where timm pads the map the k and v of a padded token
+    ``[2, heads, d]`` (a zero token's projection), and the output ``[B, H * W, heads, d]``. q is multiplied by
+    ``q_scale`` here (in the compute dtype, as the einsum path does) unless it is None.
+
+    Token ``t`` of window ``(a, b)`` sits at ``(i, j) = (a * wh + t // ww, b * ww + t % ww)`` of the shifted,
+    padded map: timm's ``roll(-shift)`` puts the unshifted map's ``((i + sh) % H, (j + sw) % W)`` there when
+    ``i < H`` and ``j < W``, and its bottom/right padding elsewhere. Loads gather those rows and the store scatters
+    the outputs back to them, so the roll, the padding, the partition and the merge are index arithmetic. The
+    shift mask is timm's (-100 between tokens of different regions), computed from ``(i, j)``; the kernel's own
+    padded tokens (``t >= wh * ww``) are masked exactly and not stored."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as pl_triton
+
+    from .models._windows import MASK_VALUE
+
+    *pad_ref, o_ref = refs
+    (h, w), (wh, ww), (sh, sw) = geometry
+    hp, wp = _round_up(h, wh), _round_up(w, ww)
+    d = qkv_ref.shape[-1]
+    image, window, head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    t = jax.lax.broadcasted_iota(jnp.int32, (n_pad,), 0)
+    i = (window // (wp // ww)) * wh + t // ww
+    j = (window % (wp // ww)) * ww + t % ww
+    real = (t < wh * ww) & (i < h) & (j < w)
+    source = jnp.where(real, ((i + sh) % h) * w + (j + sw) % w, 0)
+    channel = jax.lax.broadcasted_iota(jnp.int32, (n_pad, d), 1)
+    rows, real_rows = (jnp.broadcast_to(a[:, None], (n_pad, d)) for a in (source, real))
+    q, k, v = (qkv_ref[image, rows, part, head, channel] for part in range(3))
+    if q_scale is not None:
+        q = q * jnp.asarray(q_scale, q.dtype)
+    if pad_ref:  # timm's padded tokens are keys too: a zero token's k and v
+        zero = jnp.zeros((n_pad, d), jnp.int32)
+        k = jnp.where(real_rows, k, pad_ref[0][zero, head, channel])
+        v = jnp.where(real_rows, v, pad_ref[0][zero + 1, head, channel])
+    full = b_ref[head]
+    if sh or sw:
+        region = _region(i, hp, wh, sh) * 3 + _region(j, wp, ww, sw)
+        full = full + jnp.where(region[:, None] == region[None, :], 0.0, MASK_VALUE).astype(full.dtype)
+    o = _attend(q, k, v, full, precision)
+    # tokens that are no map token go past the end, where the masked store drops them
+    out_rows = jnp.broadcast_to(jnp.where(real, source, h * w)[:, None], (n_pad, d))
+    pl_triton.store(o_ref.at[image, out_rows, head, channel], o.astype(o_ref.dtype), mask=real_rows)
+
+
+def _map_forward(qkv, bias, pad_kv, geometry: MapGeometry, q_scale: float | None, interpret: bool) -> jax.Array:
+    """The fused kernel (Triton's layout; ``interpret``: Pallas' interpreter). ``qkv`` ``[B, H * W, 3, heads, d]``,
+    ``bias`` ``[heads, N, N]``, ``pad_kv`` ``[2, heads, d]`` or None -> ``[B, H * W, heads, d]``."""
+    from jax.experimental import pallas as pl
+
+    batch, tokens, _, heads, d = qkv.shape
+    (h, w), (wh, ww), _ = geometry
+    n_pad = _padded_tokens(wh * ww, "cuda")
+    full = _bias_and_mask(bias, None, n_pad, qkv.dtype)[0]
+    compiler_params = None
+    if not interpret:
+        from jax.experimental.pallas import triton as pl_triton
+
+        compiler_params = pl_triton.CompilerParams(num_warps=4, num_stages=1)
+    kernel = functools.partial(
+        _map_kernel, geometry=geometry, q_scale=q_scale, n_pad=n_pad, precision=_matmul_precision()
+    )
+    return pl.pallas_call(
+        kernel,
+        grid=(batch, _round_up(h, wh) // wh * (_round_up(w, ww) // ww), heads),
+        out_shape=jax.ShapeDtypeStruct((batch, tokens, heads, d), qkv.dtype),
+        interpret=interpret,
+        compiler_params=compiler_params,
+        name="swin_fused_window_attention",
+    )(qkv, full, *(() if pad_kv is None else (pad_kv,)))
+
+
+def _map_reference(qkv, bias, pad_kv, geometry: MapGeometry, q_scale: float | None) -> jax.Array:
+    """The fused kernel's function in plain JAX, as the block computes it unfused: timm's shift, padding (padded
+    tokens' k and v from ``pad_kv``), partition, the einsum path's attention, merge. Its derivatives."""
+    from .models._windows import merge_windows, partition_windows, window_partition
+
+    batch, _, _, heads, d = qkv.shape
+    (h, w), window, shift = geometry
+
+    def windows(t, pad_value):  # [B, H * W, heads, d] -> [B * nW, N, heads, d]
+        x, mask, padded = partition_windows(t.reshape(batch, h, w, heads * d), window, shift)
+        if pad_value is not None:
+            # the roll moves no padding: in window layout, the map's tokens are where whole windows of ones are
+            ones = np.ones((1, *padded, 1), bool)
+            ones[:, h:] = ones[:, :, w:] = False
+            real = window_partition(ones, window).reshape(1, -1, x.shape[1], 1)
+            x = jnp.where(real, x.reshape(batch, -1, *x.shape[1:]), pad_value.reshape(-1)).reshape(x.shape)
+        return x.reshape(*x.shape[:2], heads, d), mask, padded
+
+    q = qkv[:, :, 0] if q_scale is None else qkv[:, :, 0] * jnp.asarray(q_scale, qkv.dtype)
+    pads = (None, None) if pad_kv is None else (pad_kv[0], pad_kv[1])
+    (qw, mask, padded), (kw, _, _), (vw, _, _) = (
+        windows(q, None),
+        windows(qkv[:, :, 1], pads[0]),
+        windows(qkv[:, :, 2], pads[1]),
+    )
+    out = softmax_attention(qw, kw, vw, bias, mask)
+    return merge_windows(out.reshape(*out.shape[:2], heads * d), window, shift, (h, w), padded).reshape(
+        batch, h * w, heads, d
+    )
+
+
+def map_attention(
+    qkv, bias, pad_kv, geometry: MapGeometry, *, q_scale: float | None = None, reverse_only: bool = False
+) -> jax.Array:
+    """Window attention on a block's whole map with the fused kernel (``attn_impl='pallas_fused'``): timm's cyclic
+    shift, padding to whole windows, partition, attention with the bias and shift mask, merge and reverse shift,
+    in one Pallas kernel that gathers each window's tokens from the map (:func:`_map_kernel`).
+
+    Args:
+        qkv: the map's tokens' q, k, v ``[B, H * W, 3, heads, d]``, row-major (the qkv projection's output, reshaped:
+            no copy).
+        bias: relative position bias ``[heads, N, N]``.
+        pad_kv: ``[2, heads, d]``: k and v of a padded token (the projection of a zero token: timm pads the map with
+            zeros before the projection), or None when the map is whole windows.
+        geometry: the block's size, window and shift.
+        q_scale: the factor on q (applied in the kernel, in the compute dtype), or None for a q already scaled.
+        reverse_only: as :func:`window_attention`: the backward recomputes the attention in plain JAX
+            (:func:`_map_reference`), else the derivatives are plain JAX's in both modes.
+
+    Returns:
+        ``[B, H * W, heads, d]``, the attention output at each map token (its merge and reverse shift done).
+        Triton on CUDA, interpreted elsewhere (models run it on CPU and CUDA only: :func:`resolve` sends TPU to the
+        windowed ``'pallas'`` kernel).
+    """
+    static = dict(geometry=geometry, q_scale=q_scale)
+    kernel = functools.partial(_map_forward, **static, interpret=target_platform() != "cuda")
+    return _differentiable(kernel, functools.partial(_map_reference, **static), (qkv, bias, pad_kv), reverse_only)
 
 
 def window_attention(impl: str, q, k, v, bias, mask: np.ndarray | None, *, reverse_only: bool = False) -> jax.Array:
     """Attention in each window with ``impl`` (a resolved name: see :func:`resolve`).
 
     Args:
-        impl: ``'einsum'``, ``'xla'``, ``'cudnn'`` or ``'pallas'``.
+        impl: ``'einsum'``, ``'xla'``, ``'cudnn'`` or ``'pallas'`` (``'pallas_fused'`` runs on the block's map:
+            :func:`map_attention`).
         q, k, v: ``[B * nW, N, heads, d]``, q already scaled.
         bias: relative position bias ``[heads, N, N]``.
         mask: shift mask ``[nW, N, N]`` or None.

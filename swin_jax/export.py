@@ -76,7 +76,7 @@ def _lowering_platform(model: nnx.Module, platforms: tuple[str, ...]) -> str:
     and jax.export cannot put per-platform kernels in one multi-platform artifact: refuse that clearly."""
     impl = getattr(model, "attn_impl", "auto")
     picks = {p: attention.resolve(impl, p) for p in platforms}
-    bound = [p for p, pick in picks.items() if pick == "pallas" or (pick == "cudnn" and p == "cuda")]
+    bound = [p for p, pick in picks.items() if pick.startswith("pallas") or (pick == "cudnn" and p == "cuda")]
     if len(platforms) > 1 and (bound or len(set(picks.values())) > 1):
         raise ExportError(
             f"attn_impl={impl!r} lowers a platform-specific kernel ({', '.join(bound) or 'different picks'}), and "
@@ -105,9 +105,9 @@ def export_model(
         model: a swin_jax model (fp32 or bf16 compute), exported in eval mode; a ``features_only`` model returns its
             list of stage maps.
         platforms: the platforms the artifact runs on; lowering for them needs no such device here (except cuDNN
-            attention, whose lowering needs cuDNN). A model whose ``attn_impl`` lowers a kernel (``'pallas'``;
-            ``'cudnn'`` on CUDA) exports for one platform at a time; a Pallas kernel for CUDA is Triton code, which
-            jax does not promise to run on later jaxlib versions.
+            attention, whose lowering needs cuDNN). A model whose ``attn_impl`` lowers a kernel (``'pallas'`` and
+            ``'pallas_fused'``; ``'cudnn'`` on CUDA) exports for one platform at a time; a Pallas kernel for CUDA is
+            Triton code, which jax does not promise to run on later jaxlib versions.
         batch_size: a fixed batch size, or None for a symbolic batch dimension (one artifact for any batch).
         method: ``"__call__"`` (logits; stage maps for ``features_only``) or ``"forward_features"``.
 

@@ -17,6 +17,7 @@ from parity import (
     grads_as_timm,
     images,
     jax_from_timm,
+    rel_err,
     timm_grads,
     timm_model,
     timm_outputs,
@@ -34,7 +35,8 @@ ARCH = "swin_tiny_patch4_window7_224"
 # Padded tokens are real keys in timm (qkv of zeros), so the kernels' own padding (25 -> 32) must be masked exactly,
 # and timm's must not. (Clipped windows change only the geometry, which the einsum path's tests cover.)
 CFG = dict(embed_dim=32, depths=(2, 2), num_heads=(2, 4), img_size=(64, 48), window_size=5, num_classes=10)
-KERNEL_IMPLS = ("xla", "cudnn", "pallas")
+KERNEL_IMPLS = ("xla", "cudnn", "pallas", "pallas_fused")
+PALLAS_IMPLS = ("pallas", "pallas_fused")
 BF16_REL_TOL = 2e-2  # bf16 compute vs fp32, as test_inference
 
 
@@ -59,12 +61,14 @@ def _maps_logits_grads(model, x, y):
 
 @pytest.mark.parametrize(
     "impl, reverse",
-    [(impl, False) for impl in KERNEL_IMPLS] + [("pallas", True)],
-    ids=[*KERNEL_IMPLS, "pallas-reverse_mode"],
+    [(impl, False) for impl in KERNEL_IMPLS] + [(impl, True) for impl in PALLAS_IMPLS],
+    ids=[*KERNEL_IMPLS, *(f"{impl}-reverse_mode" for impl in PALLAS_IMPLS)],
 )
 def test_impl_matches_timm_outputs_and_gradients(reference, impl, reverse, monkeypatch):
-    """Outputs and gradients. The Pallas kernel has two derivative rules: plain JAX's jvp (both modes; the default)
-    and, traced in ``reverse_mode()`` as a training step is, a backward that recomputes the attention."""
+    """Outputs and gradients. The Pallas kernels have two derivative rules: plain JAX's jvp (both modes; the default)
+    and, traced in ``reverse_mode()`` as a training step is, a backward that recomputes the attention. The fused
+    kernel runs on the maps of CFG's padded stages (16x12 -> 20x15 with a shift of 2: the cyclic shift carries the
+    map's first rows into the second-to-last window row, timm's roll-then-pad order)."""
     tm, x, y, ref, ref_grads = reference
     model = jax_from_timm(tm, ARCH, attn_impl=impl, **CFG)
     used = []
@@ -76,7 +80,7 @@ def test_impl_matches_timm_outputs_and_gradients(reference, impl, reverse, monke
         monkeypatch.setattr(attention, rule, spy(rule, getattr(attention, rule)))
     with reverse_mode() if reverse else contextlib.nullcontext():  # a fresh jit: its trace sees the context
         maps, logits, grads = nnx.jit(_maps_logits_grads)(model, jnp.asarray(x), jnp.asarray(y))
-    if impl == "pallas":
+    if impl in PALLAS_IMPLS:
         assert set(used) == {"_pallas_attention" if reverse else "_pallas_attention_any_mode"}
     assert_close(logits, ref["logits"], what=f"{impl} logits")
     for i, (a, b) in enumerate(zip(maps, ref["maps"], strict=True)):
@@ -113,8 +117,65 @@ def test_kernel_layouts_interpreted_equal_reference(layout, masked):
     assert_close(out16[:, :, :n].astype(jnp.float32), ref[:, :, :n], tol=BF16_REL_TOL, what=f"{layout} bf16")
 
 
+# (map size, window, shift): whole windows (shifted or not); timm's padding with the shift wrapping the map's first
+# rows into a window that is not the last (9 -> 14, shift 3); a shift along one axis; non-square windows and maps
+FUSED_GEOMETRIES = [
+    ((14, 14), (7, 7), (3, 3)),
+    ((14, 14), (7, 7), (0, 0)),
+    ((9, 9), (7, 7), (3, 3)),
+    ((10, 7), (5, 7), (2, 0)),
+    ((12, 15), (4, 5), (2, 2)),
+    ((6, 11), (3, 4), (0, 0)),
+]
+
+
+@pytest.mark.parametrize("size, window, shift", FUSED_GEOMETRIES, ids=lambda g: "x".join(map(str, g)))
+def test_fused_kernel_interpreted_equals_reference_and_lowers_for_triton(size, window, shift):
+    """The fused kernel (shift, padding, partition and merge as index arithmetic) against its plain-JAX function
+    (timm's roll, pad, partition, the einsum path's attention, merge): fp32, float64 (interpreted, it stays float64)
+    and bf16, with q scaled in the kernel or before it. Every map token is written once (the interpreter starts the
+    output at NaN); the k and v of timm's padded tokens are used exactly where timm pads. And the kernel lowers for
+    CUDA (Triton) here, no GPU needed."""
+    rng = np.random.default_rng(0)
+    (h, w), n = size, window[0] * window[1]
+    batch, heads, d = 2, 2, 16
+    geometry = attention.MapGeometry(size, window, shift)
+    padded = bool(h % window[0] or w % window[1])
+    qkv, bias = rng.standard_normal((batch, h * w, 3, heads, d)), rng.standard_normal((heads, n, n))
+    pad_kv = rng.standard_normal((2, heads, d)) if padded else None
+
+    def cast(dtype):
+        return [None if a is None else jnp.asarray(a, dtype) for a in (qkv, bias, pad_kv)]
+
+    with jax.enable_x64(True):
+        out64 = attention._map_forward(*cast(jnp.float64), geometry, 0.25, interpret=True)
+        ref64 = attention._map_reference(*cast(jnp.float64), geometry, 0.25)
+        assert out64.dtype == jnp.float64 and out64.shape == (batch, h * w, heads, d)
+        np.testing.assert_allclose(np.asarray(out64), np.asarray(ref64), rtol=1e-12, atol=1e-12)
+        ref64 = np.asarray(ref64)
+    a32 = cast(jnp.float32)
+    out = attention._map_forward(*a32, geometry, 0.25, interpret=True)
+    assert not np.isnan(np.asarray(out)).any()
+    assert_close(out, ref64, what="fused kernel fp32")
+    assert_close(attention._map_reference(*a32, geometry, 0.25), ref64, what="reference fp32")
+    prescaled = [a32[0].at[:, :, 0].multiply(0.25), *a32[1:]]
+    assert_close(attention._map_forward(*prescaled, geometry, None, interpret=True), ref64, what="q scaled before")
+    if padded:  # the padded tokens' k and v matter, so they are used
+        moved = [*a32[:2], a32[2] + 1.0]
+        assert rel_err(attention._map_forward(*moved, geometry, 0.25, interpret=True), ref64) > 1e-3
+    a16 = cast(jnp.bfloat16)
+    out16 = attention._map_forward(*a16, geometry, 0.25, interpret=True)
+    assert out16.dtype == jnp.bfloat16
+    assert_close(out16.astype(jnp.float32), ref64, tol=BF16_REL_TOL, what="fused kernel bf16")
+    fn = jax.jit(lambda *a: attention._map_forward(*a, geometry, 0.25, interpret=False))
+    triton = swin_jax.export._triton_call()
+    unsafe = [jax.export.DisabledSafetyCheck.custom_call(triton)]
+    text = jax.export.export(fn, platforms=["cuda"], disabled_checks=unsafe)(*a16).mlir_module()
+    assert triton in text and "swin_fused_window_attention" in text
+
+
 def test_impl_names_listed_and_unknown_refused():
-    assert swin_jax.attention_impls() == ("auto", "einsum", "xla", "cudnn", "pallas")
+    assert swin_jax.attention_impls() == ("auto", "einsum", "xla", "cudnn", "pallas", "pallas_fused")
     with pytest.raises(ValueError, match="unknown attn_impl 'flash'; expected one of auto, einsum, xla, cudnn"):
         swin_jax.create_model(ARCH, attn_impl="flash", **CFG)
     model = swin_jax.create_model(ARCH, **CFG)
@@ -123,6 +184,9 @@ def test_impl_names_listed_and_unknown_refused():
     assert {b.attn.attn_impl for s in model.layers for b in s.blocks} == {"auto"}
     assert attention.resolve("auto", "cpu") == attention.AUTO_PICKS["cpu"]
     assert attention.resolve("pallas", "rocm") == "xla"  # no kernel backend there: plain JAX
+    assert attention.resolve("pallas_fused", "rocm") == "xla"
+    assert attention.resolve("pallas_fused", "tpu") == "pallas"  # Mosaic gathers no rows: the windowed kernel
+    assert [attention.resolve("pallas_fused", p) for p in ("cpu", "cuda")] == ["pallas_fused"] * 2
     here = attention.target_platform()
     with attention.lowering_for("tpu"):
         assert attention.target_platform() == "tpu"
@@ -135,11 +199,12 @@ def test_attention_dropout_runs_the_einsum_path():
     kw = dict(CFG, img_size=32, depths=(2,), num_heads=(2,), attn_drop_rate=0.5)
     x = jnp.asarray(images((2, 32, 32, 3)))
     outs = []
-    for impl in ("einsum", "pallas"):
+    for impl in ("einsum", *PALLAS_IMPLS):
         model = swin_jax.create_model(ARCH, attn_impl=impl, rngs=nnx.Rngs(0), **kw)
         model.train()
         outs.append(np.asarray(nnx.jit(lambda m, x: m(x))(model, x)))
-    np.testing.assert_array_equal(outs[1], outs[0])
+    for out in outs[1:]:
+        np.testing.assert_array_equal(out, outs[0])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -147,7 +212,13 @@ def test_attention_dropout_runs_the_einsum_path():
 # ----------------------------------------------------------------------------------------------------------
 
 EXPORT_CFG = dict(embed_dim=16, depths=(2, 1), num_heads=(2, 2), img_size=(32, 24), window_size=5, num_classes=4)
-KERNEL_MARK = {("pallas", "cuda"): swin_jax.export._triton_call(), ("pallas", "tpu"): "tpu_custom_call"}
+# what each kernel leaves in the lowered module: the custom call and the kernel's name (TPU: the windowed kernel)
+KERNEL_MARK = {
+    ("pallas", "cuda"): (swin_jax.export._triton_call(), "swin_window_attention"),
+    ("pallas", "tpu"): ("tpu_custom_call", "swin_window_attention"),
+    ("pallas_fused", "cuda"): (swin_jax.export._triton_call(), "swin_fused_window_attention"),
+    ("pallas_fused", "tpu"): ("tpu_custom_call", "swin_window_attention"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -170,14 +241,17 @@ def test_every_impl_lowers_for_every_platform(export_models, impl, platform):
     exported = export_model(model, platforms=[platform], batch_size=2)
     assert exported.platforms == (platform,)
     text = exported.mlir_module()
-    for (kernel_impl, kernel_platform), mark in KERNEL_MARK.items():
-        assert (mark in text) == ((impl, platform) == (kernel_impl, kernel_platform)), mark
+    call, name = KERNEL_MARK.get((impl, platform), (None, None))
+    for mark in {c for c, _ in KERNEL_MARK.values()}:
+        assert (mark in text) == (mark == call), mark
+    if name is not None:  # the interpreter (CPU) leaves the kernels' names in locations only
+        assert {n for _, n in KERNEL_MARK.values() if n in text} == {name}
     exported = jax.export.deserialize(exported.serialize())
     if platform == "cpu":
         assert_close(exported.call(x), expected, tol=FP32_REL_TOL, what=f"{impl} artifact")
 
 
-@pytest.mark.parametrize("impl", ["pallas", "cudnn"])
+@pytest.mark.parametrize("impl", [*PALLAS_IMPLS, "cudnn"])
 def test_kernel_impls_refuse_multi_platform_artifacts(export_models, impl):
     model = nnx.clone(export_models[0])
     model.set_attn_impl(impl)

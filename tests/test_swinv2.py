@@ -116,17 +116,18 @@ def test_gradients_match_timm():
     assert_grads_close(grads_as_timm(model, jax_grads(model, x, y)), timm_grads(tm, x, y))
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("impl", ["xla", "pallas", "pallas_fused"])
 def test_attention_impls_compute_the_same_function(impl):
     """The kernel implementations run SwinV2's cosine attention with the per-head scale folded into the normalized
     q, one code path for all of them (each is checked against timm on V1 in test_attention.py; the einsum path,
     'auto' on the CPU, in every other test here), as close to the float64 reference as timm's fp32; the Pallas
-    kernel with padded tokens (zero q/k rows after normalization, masked keys). 'xla' runs in float64 too (its
-    softmax then stays float64, which jax.nn's does not); the kernel computes in float32 by design."""
+    kernels with padded tokens (zero q/k rows after normalization, masked keys), the fused one on the padded maps.
+    Each runs in float64 too: 'xla''s softmax then stays float64 (jax.nn's does not), and the interpreted kernels
+    compute in float64."""
     tm = timm_model(NAME, **SMALL)
     model = jax_from_timm(tm, NAME, attn_impl=impl, **SMALL)
     x = images((1, 64, 48, 3), seed=4)
-    assert_parity_float64(model, tm, NAME, x, structural=impl != "pallas", attn_impl=impl, **SMALL)
+    assert_parity_float64(model, tm, NAME, x, attn_impl=impl, **SMALL)
 
 
 def test_attention_weights_are_timms_softmax():

@@ -87,12 +87,19 @@ VARIANTS = {
 ARCH_NS = ("swinv2_cr_small_ns_224", dict(img_size=224, window_size=None, depths=(1, 2, 2, 2), num_heads=(1, 2, 2, 4)))
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_parity_against_float64(variant):
+@pytest.mark.parametrize(
+    "variant, impl",
+    [(v, "auto") for v in VARIANTS] + [("window_ratio_dynamic_floored", "pallas_fused")],
+    ids=[*VARIANTS, "window_ratio_dynamic_floored-pallas_fused"],
+)
+def test_parity_against_float64(variant, impl):
+    """Each variant; the fused kernel (interpreted, float64 too) on the one whose every block is padded and whose
+    shifted blocks wrap the map around (the map's side is not a multiple of the window)."""
     name, kwargs, shape = VARIANTS[variant]
     tm, model, kw = _pair(name, **kwargs)
+    model.set_attn_impl(impl)
     assert _geometry(model) == _geometry(tm)
-    errs = assert_parity_float64(model, tm, name, images(shape, seed=1), **kw)
+    errs = assert_parity_float64(model, tm, name, images(shape, seed=1), attn_impl=impl, **kw)
     assert set(errs) == {"logits", "features", "pre_logits"} | {f"stage{i}" for i in range(len(kw["depths"]))}
 
 

@@ -484,6 +484,7 @@ def test_gradient_checkpointing_in_reverse_mode_saves_memory_on_the_cpu_too(scan
     [
         (ARCH, {}),
         (ARCH, {"attn_impl": "pallas"}),  # the kernel (interpreted here) with plain JAX's tangent
+        (ARCH, {"attn_impl": "pallas_fused"}),
         ("swinv2_tiny_window8_256", {"window_size": 4}),
         ("swinv2_cr_tiny_224", {"window_size": 4}),
     ],

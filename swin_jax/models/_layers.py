@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .. import attention
 from ._windows import Pair, calc_window_shift, merge_windows, partition_windows, to_2tuple
 
 __all__ = [
@@ -694,6 +695,45 @@ class ClassifierHead(nnx.Module):
         return self.fc(x)
 
 
+class MapAttention(nnx.Module):
+    """What every window attention module shares: the fused kernel's path (``attn_impl='pallas_fused'``), attention on
+    a block's whole map, the same function as the windows' path.
+
+    A subclass has ``attn_impl``, ``attn_drop``, ``proj``, ``proj_drop`` and :meth:`relative_position_bias`
+    (``[heads, N, N]``), and defines :meth:`_map_qkv`.
+    """
+
+    attn_impl: str
+
+    def relative_position_bias(self) -> jax.Array:
+        raise NotImplementedError
+
+    def _map_qkv(self, x: jax.Array) -> tuple[jax.Array, float | None]:
+        """Tokens ``[B, T, C]`` -> their q, k, v ``[B, T, 3, heads, d]`` and the factor the kernel applies to q (None:
+        q is scaled already)."""
+        raise NotImplementedError
+
+    def runs_on_map(self) -> bool:
+        """Whether the block hands this module its whole map (:meth:`attend_map`) instead of windows: the fused
+        kernel runs here, and attention dropout (only the einsum path applies it) is off."""
+        return attention.resolve(self.attn_impl) == "pallas_fused" and not dropout_active(self.attn_drop)
+
+    def attend_map(self, x: jax.Array, window_size: Pair, shift_size: Pair) -> jax.Array:
+        """``[B, H, W, C]`` -> ``[B, H, W, C]``: the projections on the map's tokens, and the shift, padding,
+        partition, attention and merge in one kernel (:func:`swin_jax.attention.map_attention`). timm pads the map
+        with zeros before the projection, so a padded token's k and v are a zero token's."""
+        b, h, w, c = x.shape
+        qkv, q_scale = self._map_qkv(x.reshape(b, h * w, c))
+        pad_kv = None
+        if h % window_size[0] or w % window_size[1]:
+            pad_kv = self._map_qkv(jnp.zeros((1, 1, c), x.dtype))[0][0, 0, 1:]
+        geometry = attention.MapGeometry((h, w), tuple(window_size), tuple(shift_size))
+        out = attention.map_attention(
+            qkv, self.relative_position_bias(), pad_kv, geometry, q_scale=q_scale, reverse_only=in_reverse_mode()
+        )
+        return self.proj_drop(self.proj(out.reshape(b, h, w, -1)))
+
+
 class WindowBlock(nnx.Module):
     """What every Swin block shares: (shifted) window attention around ``self.attn``.
 
@@ -733,7 +773,10 @@ class WindowBlock(nnx.Module):
         return x
 
     def _attn(self, x: jax.Array) -> jax.Array:
-        """Shift, pad, partition, attend, merge: ``[B, H, W, C]`` -> ``[B, H, W, C]``."""
+        """Shift, pad, partition, attend, merge: ``[B, H, W, C]`` -> ``[B, H, W, C]`` (in one kernel where the
+        attention module runs on the map)."""
+        if self.attn.runs_on_map():
+            return self.attn.attend_map(x, self.window_size, self.shift_size)
         windows, mask, padded = partition_windows(x, self.window_size, self.shift_size)
         windows = self.attn(windows, mask=mask)
         return merge_windows(windows, self.window_size, self.shift_size, x.shape[1:3], padded)

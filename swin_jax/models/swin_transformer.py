@@ -28,6 +28,7 @@ from ..weights import resize_rel_pos_bias_table
 from ._base import SwinBase, trunk_args
 from ._layers import (
     LayerNorm,
+    MapAttention,
     Mlp,
     SwinStage,
     WindowBlock,
@@ -45,7 +46,7 @@ from ._windows import Pair, relative_position_index, to_2tuple
 __all__ = ["WindowAttention", "SwinTransformerBlock", "PatchMerging", "SwinTransformerStage", "SwinTransformer"]
 
 
-class WindowAttention(nnx.Module):
+class WindowAttention(MapAttention):
     """Window multi-head self attention with relative position bias (W-MSA and SW-MSA)."""
 
     def __init__(
@@ -109,11 +110,15 @@ class WindowAttention(nnx.Module):
         bias = jnp.take(self.relative_position_bias_table[...], index, axis=0).reshape(n, n, -1)
         return bias.transpose(2, 0, 1)
 
-    def _qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Token-major ``[B * nW, N, heads, d]`` q (scaled), k, v, as the qkv projection lays them out."""
+    def _map_qkv(self, x: jax.Array) -> tuple[jax.Array, float]:
+        """``[B, T, C]`` -> ``[B, T, 3, heads, d]`` as the qkv projection lays them out, and the scale on q."""
         b_, n, _ = x.shape
-        qkv = self.qkv(x).reshape(b_, n, 3, self.num_heads, -1)
-        return qkv[:, :, 0] * jnp.asarray(self.scale, qkv.dtype), qkv[:, :, 1], qkv[:, :, 2]
+        return self.qkv(x).reshape(b_, n, 3, self.num_heads, -1), self.scale
+
+    def _kernel_qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Token-major ``[B * nW, N, heads, d]`` q (scaled), k, v."""
+        qkv, scale = self._map_qkv(x)
+        return qkv[:, :, 0] * jnp.asarray(scale, qkv.dtype), qkv[:, :, 1], qkv[:, :, 2]
 
     def attention_weights(self, x: jax.Array, mask: np.ndarray | None = None) -> jax.Array:
         """The attention probabilities (what timm's ``attn.softmax`` outputs), for study.
@@ -126,7 +131,7 @@ class WindowAttention(nnx.Module):
             ``[B * nW, num_heads, N, N]`` float32 (float64 for a float64 model); each row sums to 1. Dropout is
             not applied.
         """
-        q, k, _ = self._qkv(x)
+        q, k, _ = self._kernel_qkv(x)
         return attention.attention_probs(q, k, self.relative_position_bias(), mask)
 
     def __call__(self, x: jax.Array, mask: np.ndarray | None = None) -> jax.Array:
@@ -140,7 +145,7 @@ class WindowAttention(nnx.Module):
         """
         b_, n, _ = x.shape
         impl = attention.resolve(self.attn_impl)
-        q, k, v = self._qkv(x)
+        q, k, v = self._kernel_qkv(x)
         bias = self.relative_position_bias()
         if dropout_active(self.attn_drop):
             attn = self.attn_drop(attention.attention_probs(q, k, bias, mask).astype(v.dtype))

@@ -33,6 +33,7 @@ from .. import attention
 from ._base import SwinBase, trunk_args
 from ._layers import (
     LayerNorm,
+    MapAttention,
     Mlp,
     SwinStage,
     WindowBlock,
@@ -93,7 +94,7 @@ class ReLU(nnx.Module):
         return jax.nn.relu(x)
 
 
-class CosineWindowAttention(nnx.Module):
+class CosineWindowAttention(MapAttention):
     """Scaled cosine window attention, shared by SwinV2 and SwinV2-CR: ``normalize(q) @ normalize(k)^T`` times a
     per-head ``exp(min(logit_scale, ln 100))``, plus the family's position bias and the shift mask, softmax, ``@ v``,
     projection.
@@ -104,15 +105,21 @@ class CosineWindowAttention(nnx.Module):
     """
 
     num_heads: int
-    attn_impl: str
-
-    def relative_position_bias(self) -> jax.Array:
-        raise NotImplementedError
 
     def _qkv(self, x: jax.Array) -> jax.Array:
         """``[B * nW, N, C]`` -> token-major ``[B * nW, N, 3, heads, d]``."""
         b_, n, _ = x.shape
         return self.qkv(x).reshape(b_, n, 3, self.num_heads, -1)
+
+    def _kernel_qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The kernels take q pre-scaled: the per-head logit scale folds into the normalized q."""
+        qkv = self._qkv(x)
+        q, k = _normalize(qkv[:, :, 0]), _normalize(qkv[:, :, 1])
+        return q * self._scale().astype(q.dtype)[None, None, :, None], k, qkv[:, :, 2]
+
+    def _map_qkv(self, x: jax.Array) -> tuple[jax.Array, None]:
+        """q (scaled), k, v stacked ``[B, T, 3, heads, d]`` (one fusion with the normalization)."""
+        return jnp.stack(self._kernel_qkv(x), axis=2), None
 
     def _scale(self) -> jax.Array:
         """``exp(min(logit_scale, ln 100))`` per head, ``[heads]``."""
@@ -137,20 +144,20 @@ class CosineWindowAttention(nnx.Module):
             ``[B * nW, N, C]``.
         """
         b_, n, _ = x.shape
-        qkv = self._qkv(x)
         impl = attention.resolve(self.attn_impl)
         if dropout_active(self.attn_drop):
+            qkv = self._qkv(x)
             attn = self.attn_drop(self._softmax(qkv, mask).astype(qkv.dtype))
-            x = jnp.einsum("bhqk,bkhd->bqhd", attn, qkv[:, :, 2]).reshape(b_, n, -1)
+            x = jnp.einsum("bhqk,bkhd->bqhd", attn, qkv[:, :, 2])
+        elif impl == "einsum":  # the scale on the logits, as timm
+            qkv = self._qkv(x)
+            q, k = _normalize(qkv[:, :, 0]), _normalize(qkv[:, :, 1])
+            x = attention.softmax_attention(q, k, qkv[:, :, 2], self.relative_position_bias(), mask, self._scale())
         else:
-            q, k, v = _normalize(qkv[:, :, 0]), _normalize(qkv[:, :, 1]), qkv[:, :, 2]
-            bias, scale = self.relative_position_bias(), self._scale()
-            if impl == "einsum":  # the scale on the logits, as timm
-                x = attention.softmax_attention(q, k, v, bias, mask, scale)
-            else:  # the kernels take q pre-scaled: the per-head logit scale folds into the normalized q
-                q = q * scale.astype(q.dtype)[None, None, :, None]
-                x = attention.window_attention(impl, q, k, v, bias, mask, reverse_only=in_reverse_mode())
-            x = x.reshape(b_, n, -1)
+            q, k, v = self._kernel_qkv(x)
+            bias = self.relative_position_bias()
+            x = attention.window_attention(impl, q, k, v, bias, mask, reverse_only=in_reverse_mode())
+        x = x.reshape(b_, n, -1)
         return self.proj_drop(self.proj(x))
 
 
