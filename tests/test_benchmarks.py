@@ -145,3 +145,25 @@ def test_tf32_emulation_rounds_default_precision_matmul_inputs_only():
     with jax.default_matmul_precision("highest"):  # what is emulated is the default, whatever is in force
         again = jax.jit(emulate_tf32(fn))(args)
     jax.tree_util.tree_map(np.testing.assert_array_equal, again, got)
+
+
+def test_lowered_ops_counts_and_the_fused_kernel_leaves_no_window_plumbing():
+    """benchmarks/lowered_ops.py's parser, and what it is for: lowered for CUDA, the fused kernel's program has no
+    roll (slices + concatenate), no q/k/v split and no partition/merge transposes left, where the windowed kernel's
+    has all of them (a small Swin with padded, shifted stages, so one slice per block remains: a padded token's k
+    and v)."""
+    import lowered_ops
+
+    line = "%3 = stablehlo.transpose %2, dims = [1, 0] : (tensor<4x8xbf16>) -> tensor<8x4xbf16> loc(#loc)"
+    assert lowered_ops.count_ops(line + "\n%4 = stablehlo.add %3, %3") == {"transpose": {"count": 1, "gib": 0.0}}
+    cfg = dict(embed_dim=32, depths=(2, 2), num_heads=(2, 4), img_size=(64, 48), window_size=5)
+    ops = {
+        impl: lowered_ops.count_ops(
+            lowered_ops.lowered_forward("swin_tiny_patch4_window7_224", impl, "cuda", 2, "bf16", **cfg)
+        )
+        for impl in ("pallas", "pallas_fused")
+    }
+    assert ops["pallas"]["custom_call"]["count"] == ops["pallas_fused"]["custom_call"]["count"] == 4
+    assert ops["pallas"]["concatenate"]["count"] == 8 and "concatenate" not in ops["pallas_fused"]
+    assert ops["pallas"]["slice"]["count"] == 36 and ops["pallas_fused"]["slice"]["count"] == 4
+    assert ops["pallas_fused"]["transpose"]["count"] < ops["pallas"]["transpose"]["count"] / 4
