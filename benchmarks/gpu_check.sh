@@ -12,11 +12,12 @@
 #   3. inference, bf16, batch 256: swin-jax (traced) against the two timm torch.compile rows, with the
 #      bf16 matmul peak measured in the same run; then swin-jax with scanned blocks (does it cut the 39 s compile?);
 #   4. parity of every attention implementation on the GPU (fp32 at 'highest' and bf16, a small Swin), then
-#      SwinV2-T and SwinV2-CR-T against timm float64 (fp32 at 'highest' and at jax's default precision);
-#   5. the bf16 training step with 8 steps per call (TrainStep.run, finetune --steps-per-call 8): is the
-#      one-step call host-bound? (one dispatch per 8 steps; times per step);
-#   6. inference, bf16, each attention implementation (xla, cudnn, pallas, pallas_fused) at batch 256, then 64
-#      and 1;
+#      bf16 inference at batch 256 with each kernel implementation (pallas_fused, pallas, cudnn, xla): the
+#      inference issue's target row;
+#   5. SwinV2-T and SwinV2-CR-T against timm float64 (fp32 at 'highest' and at jax's default precision);
+#   6. the bf16 training step with 8 steps per call (TrainStep.run, finetune --steps-per-call 8): is the
+#      one-step call host-bound? (one dispatch per 8 steps; times per step); then the implementations of step 4
+#      at batch 64 and 1;
 #   7. the same bf16 training step with the per-block backward cut forced on (SWIN_JAX_BACKWARD_CUT=always:
 #      does the fusion problem it fixes on the CPU exist on the GPU?);
 #   8. the bf16 training step with each stage's repeated blocks as one scan (set_scan_blocks): its compile time;
@@ -50,13 +51,15 @@ bench --profile --batches ${INFER_BATCH:-256} --train-batch 0 --out "$out/infer-
     jax-bf16 timm-compile-bf16-fused timm-compile-bf16 jax-bf16-scan
 [ "$(left)" -gt 60 ] && timeout "$(left)" python benchmarks/gpu_parity.py --model swin_tiny_patch4_window7_224 \
     --batch 4 --attn-impls auto xla cudnn pallas pallas_fused --out "$out/parity-attn.json"
+attn_variants="jax-bf16@pallas_fused jax-bf16@pallas jax-bf16@cudnn jax-bf16@xla"
+bench --no-peak --batches ${INFER_BATCH:-256} --train-batch 0 --out "$out/infer-attn.json" --variants $attn_variants
 for pair in v2:swinv2_tiny_window8_256 v2cr:swinv2_cr_tiny_ns_224; do
     [ "$(left)" -gt 60 ] && timeout "$(left)" python benchmarks/gpu_parity.py --model "${pair#*:}" --batch 4 \
         --out "$out/parity-${pair%%:*}.json"
 done
 bench --no-peak --profile --train-batch ${TRAIN_BATCH:-64} --out "$out/train-bf16-k8.json" --variants jax-train-bf16-k8
-bench --no-peak --batches ${INFER_BATCH:-256} ${SMALL_BATCHES:-64 1} --train-batch 0 --out "$out/infer-attn.json" \
-    --variants jax-bf16@xla jax-bf16@cudnn jax-bf16@pallas jax-bf16@pallas_fused
+bench --no-peak --batches ${SMALL_BATCHES:-64 1} --train-batch 0 --out "$out/infer-attn-small.json" \
+    --variants $attn_variants
 bench --no-peak --profile --train-batch ${TRAIN_BATCH:-64} --out "$out/train-bf16-cut.json" --variants \
     jax-train-bf16-cut
 bench --no-peak --train-batch ${TRAIN_BATCH:-64} --out "$out/scan-bf16.json" --variants jax-train-bf16-scan
