@@ -272,12 +272,17 @@ def _dot_product(q, k, v, bias, mask, implementation: str, pad: bool) -> jax.Arr
 # ------------------------------------------------------------------------------------------------------------
 
 
+def _triton_size(n: int) -> int:
+    """A Triton tile side: a power of two (its tensors' sizes must be), at least 16 (its dots' smallest)."""
+    return max(16, 1 << (n - 1).bit_length())
+
+
 def _padded_tokens(n: int, layout: str) -> int:
     """Tokens per window in the kernel: a power of two (at least 16) for Triton's blocks and dots
     (``layout='cuda'``), a multiple of 8 (sublanes) on TPU."""
     if layout == "tpu":
         return _round_up(n, 8)
-    return max(16, 1 << (n - 1).bit_length())
+    return _triton_size(n)
 
 
 def _matmul_precision():
@@ -411,12 +416,16 @@ def _pallas(q, k, v, bias, mask, platform: str, reverse_only: bool) -> jax.Array
     n_pad = _padded_tokens(n, layout)
     full = _bias_and_mask(bias, mask, n_pad, q.dtype)
 
-    def heads_major(t):  # [BW, N, heads, d] -> [BW, heads, Np, d]
-        return _pad_tokens(t, n_pad).transpose(0, 2, 1, 3)
+    d = q.shape[-1]
+    d_pad = d if layout == "tpu" else _triton_size(d)  # zero channels change no logit and give zero outputs
+
+    def heads_major(t):  # [BW, N, heads, d] -> [BW, heads, Np, d or Dp]
+        t = _pad_tokens(t, n_pad).transpose(0, 2, 1, 3)
+        return t if d_pad == d else jnp.pad(t, ((0, 0), (0, 0), (0, 0), (0, d_pad - d)))
 
     kernel = functools.partial(_pallas_forward, layout=layout, interpret=platform == "cpu")
     out = _differentiable(kernel, _reference, (heads_major(q), heads_major(k), heads_major(v), full), reverse_only)
-    return out.transpose(0, 2, 1, 3)[:, :n]
+    return out.transpose(0, 2, 1, 3)[:, :n, :, :d]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -464,30 +473,39 @@ def _map_kernel(qkv_ref, b_ref, *refs, geometry: MapGeometry, q_scale: float | N
     *pad_ref, o_ref = refs
     (h, w), (wh, ww), (sh, sw) = geometry
     hp, wp = _round_up(h, wh), _round_up(w, ww)
-    d = qkv_ref.shape[-1]
+    d, d_pad = qkv_ref.shape[-1], _triton_size(qkv_ref.shape[-1])
     image, window, head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     t = jax.lax.broadcasted_iota(jnp.int32, (n_pad,), 0)
     i = (window // (wp // ww)) * wh + t // ww
     j = (window % (wp // ww)) * ww + t % ww
     real = (t < wh * ww) & (i < h) & (j < w)
     source = jnp.where(real, ((i + sh) % h) * w + (j + sw) % w, 0)
-    channel = jax.lax.broadcasted_iota(jnp.int32, (n_pad, d), 1)
-    rows, real_rows = (jnp.broadcast_to(a[:, None], (n_pad, d)) for a in (source, real))
-    q, k, v = (qkv_ref[image, rows, part, head, channel] for part in range(3))
+    # a head's channels, padded to a Triton size with zeros (they change no logit and give zero outputs)
+    channel = jax.lax.broadcasted_iota(jnp.int32, (n_pad, d_pad), 1)
+    in_head = channel < d
+    read = channel if d_pad == d else jnp.minimum(channel, d - 1)  # the plain iota keeps Triton's loads vectorized
+    rows, real_rows = (jnp.broadcast_to(a[:, None], (n_pad, d_pad)) for a in (source, real))
+
+    def load(ref, *index):
+        x = ref[index]
+        return x if d_pad == d else jnp.where(in_head, x, jnp.zeros_like(x))
+
+    q, k, v = (load(qkv_ref, image, rows, part, head, read) for part in range(3))
     if q_scale is not None:
         q = q * jnp.asarray(q_scale, q.dtype)
     if pad_ref:  # timm's padded tokens are keys too: a zero token's k and v
-        zero = jnp.zeros((n_pad, d), jnp.int32)
-        k = jnp.where(real_rows, k, pad_ref[0][zero, head, channel])
-        v = jnp.where(real_rows, v, pad_ref[0][zero + 1, head, channel])
+        zero = jnp.zeros((n_pad, d_pad), jnp.int32)
+        k = jnp.where(real_rows, k, load(pad_ref[0], zero, head, read))
+        v = jnp.where(real_rows, v, load(pad_ref[0], zero + 1, head, read))
     full = b_ref[head]
     if sh or sw:
         region = _region(i, hp, wh, sh) * 3 + _region(j, wp, ww, sw)
         full = full + jnp.where(region[:, None] == region[None, :], 0.0, MASK_VALUE).astype(full.dtype)
     o = _attend(q, k, v, full, precision)
-    # tokens that are no map token go past the end, where the masked store drops them
-    out_rows = jnp.broadcast_to(jnp.where(real, source, h * w)[:, None], (n_pad, d))
-    pl_triton.store(o_ref.at[image, out_rows, head, channel], o.astype(o_ref.dtype), mask=real_rows)
+    # tokens that are no map token, and padded channels, go past the end, where the masked store drops them
+    out_rows = jnp.broadcast_to(jnp.where(real, source, h * w)[:, None], (n_pad, d_pad))
+    stored = real_rows if d_pad == d else real_rows & in_head
+    pl_triton.store(o_ref.at[image, out_rows, head, channel], o.astype(o_ref.dtype), mask=stored)
 
 
 def _map_forward(qkv, bias, pad_kv, geometry: MapGeometry, q_scale: float | None, interpret: bool) -> jax.Array:

@@ -195,6 +195,21 @@ def test_fused_kernel_interpreted_equals_reference_and_lowers_for_triton(size, w
     assert triton in text and "swin_fused_window_attention" in text
 
 
+def test_kernels_take_any_head_dim():
+    """Triton's tensors must have power-of-two sizes and its dots a side of at least 16: on CUDA the kernels pad a
+    head's channels with zeros (24 -> 32 here, and 8 -> 16 in EXPORT_CFG). The padded layout, interpreted, computes
+    the einsum path's function, and lowers for CUDA."""
+    kw = dict(embed_dim=48, depths=(2,), num_heads=(2,), img_size=(36, 28), window_size=4, num_classes=3)
+    x = jnp.asarray(images((2, 36, 28, 3), seed=5))
+    base = swin_jax.create_model(ARCH, **kw, rngs=nnx.Rngs(0))
+    expected = np.asarray(nnx.jit(lambda m, x: m(x))(base, x))
+    for impl in PALLAS_IMPLS:
+        model = nnx.clone(base)
+        model.set_attn_impl(impl)
+        assert_close(nnx.jit(lambda m, x: m(x))(model, x), expected, what=f"{impl}, head_dim 24")
+        assert KERNEL_MARK[(impl, "cuda")][1] in export_model(model, platforms=["cuda"], batch_size=1).mlir_module()
+
+
 def test_impl_names_listed_and_unknown_refused():
     assert swin_jax.attention_impls() == ("auto", "einsum", "xla", "cudnn", "pallas", "pallas_fused")
     with pytest.raises(ValueError, match="unknown attn_impl 'flash'; expected one of auto, einsum, xla, cudnn"):
