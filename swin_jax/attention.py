@@ -19,13 +19,14 @@ per window and head, in float32 softmax. They differ in how that is lowered:
   Elsewhere the same padded layout runs through XLA. Lowering it for CUDA needs cuDNN present, so it is
   exported for CUDA only on a GPU machine.
 - ``'pallas'``: one Pallas kernel per window and head that keeps the ``N x N`` logits on chip: q·kᵀ, bias
-  and mask, softmax, ·v. Triton on CUDA (tokens padded to a power of two: 49 -> 64, 144 -> 256), Mosaic on
-  TPU (padded to a multiple of 8, eight windows per grid step), ``interpret=True`` on the CPU (slow: for
-  tests). Padded keys are masked exactly. Its derivatives are plain JAX's: in a training step
-  (:func:`swin_jax.models.reverse_mode`) the backward pass recomputes the attention from q, k, v and the
-  bias. Mosaic GPU is not used: its attention needs head_dim % 64 == 0, and every Swin has head_dim 32.
-  Where no kernel backend applies (ROCm) it runs the ``'xla'`` path. jax 0.11 deprecates Pallas's Triton
-  backend (the CUDA kernel lowers with a ``DeprecationWarning``; a later jax removes it).
+  and mask, softmax, ·v. Triton on CUDA (tokens padded to a power of two: 49 -> 64, 144 -> 256; a head_dim
+  that is not one padded with zero channels, to at least 16), Mosaic on TPU (tokens padded to a multiple of 8,
+  eight windows per grid step), ``interpret=True`` on the CPU (slow: for tests). Padded keys are masked
+  exactly. Its derivatives are plain JAX's: in a training step (:func:`swin_jax.models.reverse_mode`) the
+  backward pass recomputes the attention from q, k, v and the bias. Mosaic GPU is not used: its attention
+  needs head_dim % 64 == 0, and every Swin has head_dim 32. Where no kernel backend applies (ROCm) it runs the
+  ``'xla'`` path. jax 0.11 deprecates Pallas's Triton backend (the CUDA kernel lowers with a
+  ``DeprecationWarning``; a later jax removes it).
 - ``'pallas_fused'``: one Pallas kernel per window and head that also does the block's cyclic shift, padding to
   whole windows, partition and merge (:func:`map_attention`). It reads q, k and v from the map's tokens as the
   qkv projection writes them (``[B, H * W, 3, heads, d]``: no roll, pad, partition, q/k/v split or heads-major
