@@ -543,23 +543,24 @@ def _map_reference(qkv, bias, pad_kv, geometry: MapGeometry, q_scale: float | No
 
     batch, _, _, heads, d = qkv.shape
     (h, w), window, shift = geometry
+    k_pad, v_pad = (None, None) if pad_kv is None else pad_kv
+    if pad_kv is not None:
+        # the roll moves no padding: in window layout, the map's tokens are where whole windows of ones are
+        ones = np.ones((1, _round_up(h, window[0]), _round_up(w, window[1]), 1), bool)
+        ones[:, h:] = ones[:, :, w:] = False
+        real = window_partition(ones, window).reshape(1, -1, window[0] * window[1], 1)
 
     def windows(t, pad_value):  # [B, H * W, heads, d] -> [B * nW, N, heads, d]
         x, mask, padded = partition_windows(t.reshape(batch, h, w, heads * d), window, shift)
         if pad_value is not None:
-            # the roll moves no padding: in window layout, the map's tokens are where whole windows of ones are
-            ones = np.ones((1, *padded, 1), bool)
-            ones[:, h:] = ones[:, :, w:] = False
-            real = window_partition(ones, window).reshape(1, -1, x.shape[1], 1)
             x = jnp.where(real, x.reshape(batch, -1, *x.shape[1:]), pad_value.reshape(-1)).reshape(x.shape)
         return x.reshape(*x.shape[:2], heads, d), mask, padded
 
     q = qkv[:, :, 0] if q_scale is None else qkv[:, :, 0] * jnp.asarray(q_scale, qkv.dtype)
-    pads = (None, None) if pad_kv is None else (pad_kv[0], pad_kv[1])
     (qw, mask, padded), (kw, _, _), (vw, _, _) = (
         windows(q, None),
-        windows(qkv[:, :, 1], pads[0]),
-        windows(qkv[:, :, 2], pads[1]),
+        windows(qkv[:, :, 1], k_pad),
+        windows(qkv[:, :, 2], v_pad),
     )
     out = softmax_attention(qw, kw, vw, bias, mask)
     return merge_windows(out.reshape(*out.shape[:2], heads * d), window, shift, (h, w), padded).reshape(
