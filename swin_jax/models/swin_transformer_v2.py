@@ -111,10 +111,15 @@ class CosineWindowAttention(MapAttention):
         b_, n, _ = x.shape
         return self.qkv(x).reshape(b_, n, 3, self.num_heads, -1)
 
+    @staticmethod
+    def _unit_qk(qkv: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """q and k of token-major qkv, each normalized to unit length per head (the cosine)."""
+        return _normalize(qkv[:, :, 0]), _normalize(qkv[:, :, 1])
+
     def _kernel_qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """The kernels take q pre-scaled: the per-head logit scale folds into the normalized q."""
         qkv = self._qkv(x)
-        q, k = _normalize(qkv[:, :, 0]), _normalize(qkv[:, :, 1])
+        q, k = self._unit_qk(qkv)
         return q * self._scale().astype(q.dtype)[None, None, :, None], k, qkv[:, :, 2]
 
     def _map_qkv(self, x: jax.Array) -> tuple[jax.Array, None]:
@@ -127,7 +132,7 @@ class CosineWindowAttention(MapAttention):
 
     def _softmax(self, qkv: jax.Array, mask: np.ndarray | None) -> jax.Array:
         """Attention probabilities ``[B * nW, heads, N, N]`` (float32 or wider) from token-major qkv."""
-        q, k = _normalize(qkv[:, :, 0]), _normalize(qkv[:, :, 1])
+        q, k = self._unit_qk(qkv)
         return attention.attention_probs(q, k, self.relative_position_bias(), mask, self._scale())
 
     def attention_weights(self, x: jax.Array, mask: np.ndarray | None = None) -> jax.Array:
@@ -151,7 +156,7 @@ class CosineWindowAttention(MapAttention):
             x = jnp.einsum("bhqk,bkhd->bqhd", attn, qkv[:, :, 2])
         elif impl == "einsum":  # the scale on the logits, as timm
             qkv = self._qkv(x)
-            q, k = _normalize(qkv[:, :, 0]), _normalize(qkv[:, :, 1])
+            q, k = self._unit_qk(qkv)
             x = attention.softmax_attention(q, k, qkv[:, :, 2], self.relative_position_bias(), mask, self._scale())
         else:
             q, k, v = self._kernel_qkv(x)
