@@ -8,13 +8,19 @@ Triton IR in the program, for XLA to compile on the GPU with its own Triton; thi
 Triton release, so it is strong evidence, not proof, that the GPU's compile succeeds. A jax that lowers to kernels
 already compiled (``triton_kernel_call_ffi``) did this check while lowering, and the tool says so.
 
-``tpu``: whole models compiled ahead of time for a TPU topology (``jax.experimental.topologies``): XLA:TPU and, for
-``attn_impl='pallas'``, Mosaic compile as on a TPU host. It needs libtpu, which is not a dependency (installed, it
-makes every jax process print its TPU probe's errors). Give it a venv of its own, at the version jax pins:
+``tpu`` and ``cuda``: whole models (forward pass and training gradient) compiled ahead of time for a device that is
+not there, described instead (``jax.experimental.topologies``): a TPU slice, or an H200 as XLA's GPU compiler sees
+one. XLA:TPU with Mosaic, or XLA:GPU with its own Triton for the Pallas kernels, compile as on the device's host.
+Without a GPU, XLA cannot autotune, and its Triton GEMM emitter then finds no tile sizes for the larger dots, so
+``cuda`` compiles with ``--xla_gpu_enable_triton_gemm=false`` (cuBLAS for those). Each needs a compiler jax does not
+install by default (libtpu; jax's CUDA plugin), and installed in the dev environment, it would make every jax process
+probe for its device and print errors. Give each a venv of its own, at the version jax pins:
 
     python benchmarks/device_compile.py triton --out triton.json
     python -m venv --system-site-packages /tmp/tpu && /tmp/tpu/bin/pip install "libtpu==0.0.42.*"
-    JAX_PLATFORMS=cpu /tmp/tpu/bin/python benchmarks/device_compile.py tpu --topology v5e:2x2 --out tpu.json
+    /tmp/tpu/bin/python benchmarks/device_compile.py tpu --topology v5e:2x2 --out tpu.json
+    python -m venv --system-site-packages /tmp/cuda && /tmp/cuda/bin/pip install "jax-cuda13-plugin[with-cuda]==0.10.2"
+    /tmp/cuda/bin/python benchmarks/device_compile.py cuda --out cuda.json
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import datetime
 import importlib.metadata
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -149,20 +156,50 @@ def triton_rows(name: str, impls, batch: int, dtypes, arch: int, **kwargs) -> li
     return rows
 
 
-def _libtpu_requirement() -> str:
-    pins = [r.split(";")[0] for r in importlib.metadata.requires("jax") or () if r.startswith("libtpu")]
-    return pins[0].replace(" ", "") if pins else "libtpu"
-
-
-def tpu_rows(topology: str, models, impls, batch: int, dtype: str, grads: bool) -> list[dict]:
-    """Each model's forward pass (and gradient) compiled ahead of time for one chip of ``topology``."""
-    if importlib.util.find_spec("libtpu") is None:
+def _check_installed(module: str, requirement: str, what: str) -> None:
+    if importlib.util.find_spec(module) is None:
         raise SystemExit(
-            f"the tpu command needs libtpu, which this environment lacks. Install it in a venv of its own (installed "
-            f"here, every jax process would print its TPU probe's errors):\n  python -m venv --system-site-packages "
-            f'/tmp/tpu && /tmp/tpu/bin/pip install "{_libtpu_requirement()}"\nthen run this command with '
-            f"JAX_PLATFORMS=cpu /tmp/tpu/bin/python"
+            f"the {what} command needs {module}, which this environment lacks. Install it in a venv of its own "
+            f"(installed here, every jax process would probe for the device and print its errors):\n"
+            f'  python -m venv --system-site-packages /tmp/{what} && /tmp/{what}/bin/pip install "{requirement}"\n'
+            f"then run this command with /tmp/{what}/bin/python (it sets JAX_PLATFORMS=cpu: the device is described, "
+            "not probed)"
         )
+
+
+def _jax_extra(extra: str) -> str:
+    """What ``pip install jax[extra]`` installs besides jaxlib, at the versions this jax pins."""
+    pins = [r.split(";")[0].replace(" ", "") for r in importlib.metadata.requires("jax") or () if f'"{extra}"' in r]
+    pin = next((p for p in pins if not p.startswith("jaxlib")), extra)
+    bounds = re.fullmatch(r"(.+)<=([\w.]+),>=\2", pin)  # jax pins its plugins as <=X,>=X
+    return f"{bounds[1]}=={bounds[2]}" if bounds else pin
+
+
+# an H200 (sm_90, 132 SMs) as XLA's GPU compiler sees one: a compile-only CUDA client needs no GPU
+H200_TARGET = """
+gpu_device_info {
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 shared_memory_per_block_optin: 232448 threads_per_core_limit: 2048
+  core_count: 132 fpus_per_core: 128 block_dim_limit_x: 2147483647 block_dim_limit_y: 65535
+  block_dim_limit_z: 65535 memory_bandwidth: 4800000000000 l2_cache_size: 52428800 clock_rate_ghz: 1.98
+  device_memory_size: 150000000000 cuda_compute_capability { major: 9 } registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 24 }
+runtime_version { major: 13 minor: 0 }
+device_description_str: "NVIDIA H200"
+"""
+
+
+def compile_rows(platform: str, topology: str, models, impls, batch: int, dtype: str, grads: bool) -> list[dict]:
+    """Each model's forward pass (and training gradient) compiled ahead of time for one device of a TPU
+    ``topology`` (``platform='tpu'``, needs libtpu) or for an H200 (``platform='cuda'``, needs jax's CUDA plugin;
+    ``topology`` unused): whether it compiles, its Pallas kernels, and XLA's figure for its temporaries."""
+    if platform == "tpu":
+        _check_installed("libtpu", _jax_extra("tpu"), "tpu")
+    else:
+        _check_installed("jax_plugins.xla_cuda13", _jax_extra("cuda13"), "cuda")
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -171,19 +208,23 @@ def tpu_rows(topology: str, models, impls, batch: int, dtype: str, grads: bool) 
     from swin_jax import attention
     from swin_jax.train import cross_entropy, reverse_mode
 
-    chip = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices[0]
-    on_chip = jax.sharding.SingleDeviceSharding(chip)
+    if platform == "tpu":
+        device = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices[0]
+    else:
+        device = topologies.get_topology_desc(platform="cuda", target_config=H200_TARGET, topology="1x1x1").devices[0]
+    on_device = jax.sharding.SingleDeviceSharding(device)
+    kernel_call = "tpu_custom_call" if platform == "tpu" else XLA_TRITON_CALL
 
     def spec(tree):
-        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on_chip), tree)
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on_device), tree)
 
     rows = []
     for name in models:
         for impl in impls:
             model = _model(name, impl, dtype)
             graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-            x = jax.ShapeDtypeStruct((batch, *model.img_size, model.in_chans), jnp.float32, sharding=on_chip)
-            y = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=on_chip)
+            x = jax.ShapeDtypeStruct((batch, *model.img_size, model.in_chans), jnp.float32, sharding=on_device)
+            y = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=on_device)
 
             def forward(p, r, x, graphdef=graphdef):
                 return nnx.merge(graphdef, p, r)(x)
@@ -200,9 +241,9 @@ def tpu_rows(topology: str, models, impls, batch: int, dtype: str, grads: bool) 
                 start = time.perf_counter()
                 row = {"model": name, "impl": impl, "dtype": dtype, "program": what}
                 try:
-                    with attention.lowering_for("tpu"):
+                    with attention.lowering_for(platform):
                         lowered = jax.jit(fn).lower(spec(params), spec(rest), *data)
-                    row["mosaic_kernels"] = lowered.as_text().count("tpu_custom_call")
+                    row[f"{'mosaic' if platform == 'tpu' else 'triton'}_kernels"] = lowered.as_text().count(kernel_call)
                     compiled = lowered.compile()
                     row["temp_gib"] = round(compiled.memory_analysis().temp_size_in_bytes / 2**30, 3)
                     row["compiled"] = True
@@ -224,14 +265,20 @@ def main(argv: list[str] | None = None) -> None:
     tri.add_argument("--arch", type=int, default=90, help="sm_<arch>: 90 H100/H200, 80 A100")
     tpu = sub.add_parser("tpu", help="compile whole models ahead of time for a TPU topology (needs libtpu)")
     tpu.add_argument("--topology", default="v5e:2x2", help="e.g. v5e:2x2, v6e:2x2, v5p:2x2x1, v4:2x2x1")
-    tpu.add_argument("--models", nargs="+", default=["swin_base_patch4_window7_224", "swinv2_base_window8_256"])
-    tpu.add_argument("--attn-impls", nargs="+", default=["einsum", "pallas"])
-    tpu.add_argument("--batch", type=int, default=32)
-    tpu.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
-    tpu.add_argument("--no-grads", action="store_true", help="forward passes only")
-    for p in (tri, tpu):
+    cuda = sub.add_parser("cuda", help="compile whole models ahead of time for an H200 (needs jax's CUDA plugin)")
+    for p, impls, batch in ((tpu, ["einsum", "pallas"], 32), (cuda, ["einsum", "xla", "pallas", "pallas_fused"], 256)):
+        p.add_argument("--models", nargs="+", default=["swin_base_patch4_window7_224", "swinv2_base_window8_256"])
+        p.add_argument("--attn-impls", nargs="+", default=impls)
+        p.add_argument("--batch", type=int, default=batch)
+        p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
+        p.add_argument("--no-grads", action="store_true", help="forward passes only")
+    for p in (tri, tpu, cuda):
         p.add_argument("--out", help="write the rows as JSON here too")
     args = parser.parse_args(argv)
+    if args.command != "triton":
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the device is described, not probed
+    if args.command == "cuda":
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_gpu_enable_triton_gemm=false".strip()
 
     import jax
     import jaxlib
@@ -246,9 +293,17 @@ def main(argv: list[str] | None = None) -> None:
         for row in rows:
             print(json.dumps(row))
     else:
-        versions["libtpu"] = importlib.metadata.version("libtpu") if importlib.util.find_spec("libtpu") else None
-        settings = {k: getattr(args, k) for k in ("topology", "models", "attn_impls", "batch", "dtype")}
-        rows = tpu_rows(args.topology, args.models, args.attn_impls, args.batch, args.dtype, not args.no_grads)
+        plugin = "libtpu" if args.command == "tpu" else "jax-cuda13-plugin"
+        try:
+            versions[plugin] = importlib.metadata.version(plugin)
+        except importlib.metadata.PackageNotFoundError:
+            versions[plugin] = None
+        keys = ("topology",) * (args.command == "tpu") + ("models", "attn_impls", "batch", "dtype")
+        settings = {**{k: getattr(args, k) for k in keys}, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
+        topology = getattr(args, "topology", "")
+        rows = compile_rows(
+            args.command, topology, args.models, args.attn_impls, args.batch, args.dtype, not args.no_grads
+        )
     result = {
         "command": " ".join(["python", "benchmarks/device_compile.py", *(sys.argv[1:] if argv is None else argv)]),
         "date": datetime.date.today().isoformat(),

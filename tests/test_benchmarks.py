@@ -193,9 +193,14 @@ def test_device_compile_builds_cuda_kernels_without_spills():
         assert 0 < r["triton_shared"] <= 228 * 1024, r  # an sm_90 block's shared memory
 
 
-def test_device_compile_tpu_without_libtpu_says_how_to_get_it(monkeypatch):
+@pytest.mark.parametrize(
+    "platform, needs", [("tpu", r"libtpu==0\.0\.\d+"), ("cuda", r"jax-cuda13-plugin\[with-cuda\]==")]
+)
+def test_device_compile_without_the_compiler_says_how_to_get_it(monkeypatch, platform, needs):
+    """The ``tpu`` and ``cuda`` commands need a compiler jax does not install by default: named, at the version this
+    jax pins, with the venv to put it in."""
     import device_compile
 
     monkeypatch.setattr(device_compile.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(SystemExit, match=r'(?s)needs libtpu.*pip install "libtpu==0\.0\.\d+.*JAX_PLATFORMS=cpu'):
-        device_compile.tpu_rows("v5e:2x2", ["swin_tiny_patch4_window7_224"], ["einsum"], 2, "bf16", False)
+    with pytest.raises(SystemExit, match=rf'(?s)needs .*pip install "{needs}.*JAX_PLATFORMS=cpu'):
+        device_compile.compile_rows(platform, "v5e:2x2", ["swin_tiny_patch4_window7_224"], ["einsum"], 2, "bf16", False)
