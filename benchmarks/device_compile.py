@@ -243,7 +243,10 @@ def compile_rows(platform: str, topology: str, models, impls, batch: int, dtype:
                 try:
                     with attention.lowering_for(platform):
                         lowered = jax.jit(fn).lower(spec(params), spec(rest), *data)
-                    row[f"{'mosaic' if platform == 'tpu' else 'triton'}_kernels"] = lowered.as_text().count(kernel_call)
+                    text = lowered.as_text()
+                    row[f"{'mosaic' if platform == 'tpu' else 'triton'}_kernels"] = text.count(kernel_call)
+                    if platform == "cuda":
+                        row["cudnn_attention_calls"] = text.count("__cudnn$fmha")
                     compiled = lowered.compile()
                     row["temp_gib"] = round(compiled.memory_analysis().temp_size_in_bytes / 2**30, 3)
                     row["compiled"] = True
