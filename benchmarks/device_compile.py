@@ -12,7 +12,9 @@ already compiled (``triton_kernel_call_ffi``) did this check while lowering, and
 not there, described instead (``jax.experimental.topologies``): a TPU slice, or an H200 as XLA's GPU compiler sees
 one. XLA:TPU with Mosaic, or XLA:GPU with its own Triton for the Pallas kernels, compile as on the device's host.
 Without a GPU, XLA cannot autotune, and its Triton GEMM emitter then finds no tile sizes for the larger dots, so
-``cuda`` compiles with ``--xla_gpu_enable_triton_gemm=false`` (cuBLAS for those). Each needs a compiler jax does not
+``cuda`` compiles with ``--xla_gpu_enable_triton_gemm=false`` (cuBLAS for those). Per program: whether it compiles,
+its Pallas (and cuDNN attention) calls, XLA's figure for its temporaries, and on CUDA its memory traffic estimated
+from the compiled program (:func:`kernel_traffic`). Each needs a compiler jax does not
 install by default (libtpu; jax's CUDA plugin), and installed in the dev environment, it would make every jax process
 probe for its device and print errors. Give each a venv of its own, at the version jax pins:
 
@@ -156,6 +158,53 @@ def triton_rows(name: str, impls, batch: int, dtypes, arch: int, **kwargs) -> li
     return rows
 
 
+_HLO_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4}
+_HLO_BYTES |= {"f64": 8, "s64": 8, "u64": 8}
+_HLO_ARRAY = re.compile(r"\b(" + "|".join(_HLO_BYTES) + r")\[([\d,]*)\]")
+_HLO_LINE = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = (.+?) ([\w\-]+)\((.*)$")
+# instructions that launch nothing: views, tuples, parameters, constants
+_HLO_FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "partition-id"}
+
+
+def _hlo_bytes(shape: str) -> int:
+    total = 0
+    for dtype, dims in _HLO_ARRAY.findall(shape):
+        size = 1
+        for d in dims.split(",") if dims else ():
+            size *= int(d)
+        total += size * _HLO_BYTES[dtype]
+    return total
+
+
+def kernel_traffic(hlo: str) -> dict[str, int]:
+    """A compiled (optimized) XLA program's memory traffic, estimated from its text: each top-level instruction of
+    the entry computation (a fusion, a library call, a Pallas kernel, a copy) reads its operands and writes its
+    result once, in full. Bytes per kind (``fusion:kLoop``, ``custom-call:<target>``, ...). An estimate: no cache
+    reuse, and a kernel that reads part of an operand is charged all of it."""
+    entry = hlo[hlo.index("\nENTRY ") :]
+    entry = entry[: entry.index("\n}")]
+    sizes: dict[str, int] = {}
+    traffic: dict[str, int] = {}
+    for line in entry.splitlines()[1:]:
+        found = _HLO_LINE.match(line)
+        if found is None:
+            continue
+        name, shape, opcode, rest = found.groups()
+        sizes[name] = _hlo_bytes(shape)
+        if opcode in _HLO_FREE:
+            continue
+        operands = re.findall(r"%([\w.\-]+)", rest.split("),", 1)[0])
+        kind = opcode
+        if opcode == "fusion":
+            fusion_kind = re.search(r"kind=(k\w+)", rest)
+            kind = f"fusion:{fusion_kind.group(1) if fusion_kind else '?'}"
+        elif opcode == "custom-call":
+            target = re.search(r'custom_call_target="([^"]+)"', rest)
+            kind = f"custom-call:{target.group(1) if target else '?'}"
+        traffic[kind] = traffic.get(kind, 0) + sizes[name] + sum(sizes.get(o, 0) for o in operands)
+    return traffic
+
+
 def _check_installed(module: str, requirement: str, what: str) -> None:
     if importlib.util.find_spec(module) is None:
         raise SystemExit(
@@ -249,6 +298,9 @@ def compile_rows(platform: str, topology: str, models, impls, batch: int, dtype:
                         row["cudnn_attention_calls"] = text.count("__cudnn$fmha")
                     compiled = lowered.compile()
                     row["temp_gib"] = round(compiled.memory_analysis().temp_size_in_bytes / 2**30, 3)
+                    traffic = kernel_traffic(compiled.as_text())
+                    row["traffic_gib"] = round(sum(traffic.values()) / 2**30, 2)
+                    row["traffic_gib_by_kind"] = {k: round(v / 2**30, 2) for k, v in sorted(traffic.items())}
                     row["compiled"] = True
                 except Exception as e:  # noqa: BLE001 -- recorded: the point is to see what fails
                     row["compiled"], row["error"] = False, f"{type(e).__name__}: {str(e)[:2000]}"

@@ -204,3 +204,30 @@ def test_device_compile_without_the_compiler_says_how_to_get_it(monkeypatch, pla
     monkeypatch.setattr(device_compile.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(SystemExit, match=rf'(?s)needs .*pip install "{needs}.*JAX_PLATFORMS=cpu'):
         device_compile.compile_rows(platform, "v5e:2x2", ["swin_tiny_patch4_window7_224"], ["einsum"], 2, "bf16", False)
+
+
+def test_device_compile_kernel_traffic_reads_the_entry_computation():
+    """device_compile.kernel_traffic: each top-level kernel of ENTRY reads its operands and writes its result; views,
+    tuples and parameters launch nothing; nested computations are not counted again."""
+    import device_compile
+
+    hlo = """HloModule m
+
+%fused (p: f32[8,4]) -> f32[8,4] {
+  %p = f32[8,4]{1,0} parameter(0)
+  ROOT %e = f32[8,4]{1,0} exponential(%p)
+}
+
+ENTRY %main (x: f32[8,4], w: bf16[4,2]) -> bf16[8,2] {
+  %x = f32[8,4]{1,0} parameter(0)
+  %w = bf16[4,2]{1,0} parameter(1)
+  %f = f32[8,4]{1,0} fusion(%x), kind=kLoop, calls=%fused, metadata={op_name="a(b), c"}
+  %v = bf16[32]{0} bitcast(%w)
+  %g = (bf16[8,2]{1,0}, s8[16]{0}) custom-call(%f, %w), custom_call_target="__cublas$lt$matmul"
+  ROOT %r = bf16[8,2]{1,0} get-tuple-element(%g), index=0
+}
+"""
+    assert device_compile.kernel_traffic(hlo) == {
+        "fusion:kLoop": 128 + 128,  # f32[8,4] in and out
+        "custom-call:__cublas$lt$matmul": (32 + 16) + 128 + 16,  # its tuple result, f, w
+    }
