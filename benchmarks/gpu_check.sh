@@ -24,8 +24,9 @@
 #   9. host time per training-step call (benchmarks/host_time.py), then fp32 training like-for-like;
 #  10. XLA flag variants of bf16 inference at batch 256, one try each: no command buffers, cuDNN layer norm,
 #      autotune level 0.
-#  11. the bf16 training step with the Pallas kernels (attn_impl pallas, pallas_fused: forward in the kernel, the
-#      backward recomputing the attention in plain JAX).
+#  11. the bf16 training step with cuDNN's attention and with the Pallas kernels (attn_impl cudnn: cuDNN's own
+#      backward, the least memory traffic of all in the compile-time estimate, BENCHMARKS.md "Compiled without the
+#      device"; pallas, pallas_fused: forward in the kernel, the backward recomputing the attention in plain JAX).
 # A dry run on the CPU (small model and batches, to check the script, not to measure):
 #   MODEL=swin_tiny_patch4_window7_224 TRAIN_BATCH=2 INFER_BATCH=2 bash benchmarks/gpu_check.sh /tmp/dry
 # Afterwards, here: python benchmarks/bench.py --merge OUTDIR/train-bf16.json OUTDIR/infer-bf16.json \
@@ -72,5 +73,5 @@ for flags in --xla_gpu_enable_command_buffer= --xla_gpu_enable_cudnn_layer_norm=
         --out "$out/infer-flag-$name.json" --variants jax-bf16
 done
 bench --no-peak --train-batch ${TRAIN_BATCH:-64} --out "$out/train-attn.json" --variants \
-    jax-train-bf16@pallas jax-train-bf16@pallas_fused
+    jax-train-bf16@cudnn jax-train-bf16@pallas_fused jax-train-bf16@pallas
 echo "done after $SECONDS s"
