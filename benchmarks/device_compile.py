@@ -14,9 +14,9 @@ one. XLA:TPU with Mosaic, or XLA:GPU with its own Triton for the Pallas kernels,
 Without a GPU, XLA cannot autotune, and its Triton GEMM emitter then finds no tile sizes for the larger dots, so
 ``cuda`` compiles with ``--xla_gpu_enable_triton_gemm=false`` (cuBLAS for those). Per program: whether it compiles,
 its Pallas (and cuDNN attention) calls, XLA's figure for its temporaries, and on CUDA its memory traffic estimated
-from the compiled program (:func:`kernel_traffic`). Each needs a compiler jax does not
-install by default (libtpu; jax's CUDA plugin), and installed in the dev environment, it would make every jax process
-probe for its device and print errors. Give each a venv of its own, at the version jax pins:
+from the compiled program (:func:`kernel_traffic`). Each needs a compiler jax does not install by default (libtpu;
+jax's CUDA plugin), and installed in the dev environment, it would make every jax process probe for its device and
+print errors. Give each a venv of its own, at the version jax pins:
 
     python benchmarks/device_compile.py triton --out triton.json
     python -m venv --system-site-packages /tmp/tpu && /tmp/tpu/bin/pip install "libtpu==0.0.42.*"
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -40,20 +41,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import lowered_ops
+
 # the custom call jax lowers a Triton kernel to (its IR, for XLA to compile), and the one of a kernel jax compiled
 XLA_TRITON_CALL = "__gpu$xla.gpu.triton"
 COMPILED_TRITON_CALL = "triton_kernel_call_ffi"
 _RESOURCES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
-
-
-def _model(name: str, impl: str, dtype: str, **kwargs):
-    import jax.numpy as jnp
-    from flax import nnx
-
-    import swin_jax
-
-    compute = {"fp32": None, "bf16": jnp.bfloat16}[dtype]
-    return nnx.eval_shape(lambda: swin_jax.create_model(name, attn_impl=impl, dtype=compute, **kwargs))
 
 
 def _custom_calls(module) -> list:
@@ -75,20 +68,11 @@ def _custom_calls(module) -> list:
 def triton_kernels(name: str, impl: str, batch: int, dtype: str, **kwargs) -> tuple[list[dict], int]:
     """The Triton kernels of ``name``'s forward pass lowered for CUDA: ``[{"name", "ir" (text), "num_warps",
     "num_stages", "grid"}]`` as jax leaves them for XLA; and how many kernels jax compiled while lowering."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
     from jax._src.lib import triton as triton_lib
     from jax._src.lib.mlir import ir
 
-    from swin_jax import attention
-
-    model = _model(name, impl, dtype, **kwargs)
-    graphdef, state = nnx.split(model)
-    x = jax.ShapeDtypeStruct((batch, *model.img_size, model.in_chans), jnp.float32)
-    with attention.lowering_for("cuda"):
-        lowered = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).trace(state, x).lower(lowering_platforms=("cuda",))
-    module = lowered.compiler_ir("stablehlo")
+    module = lowered_ops.lower_forward(name, impl, "cuda", batch, dtype, **kwargs).compiler_ir("stablehlo")
+    triton_lib.dialect.register_dialect(module.context)  # to read the kernels' IR
     kernels, compiled = [], 0
     for op in _custom_calls(module):
         target = ir.StringAttr(op.attributes["call_target_name"]).value
@@ -97,7 +81,6 @@ def triton_kernels(name: str, impl: str, batch: int, dtype: str, **kwargs) -> tu
         if target != XLA_TRITON_CALL:
             continue
         config = op.attributes["mhlo.backend_config"]
-        triton_lib.dialect.register_dialect(module.context)
         text = str(ir.Module.parse(ir.StringAttr(config["ir"]).value_bytes, context=module.context))
         kernels.append(
             {
@@ -139,8 +122,6 @@ def compile_triton(kernel: dict, arch: int) -> dict:
 def triton_rows(name: str, impls, batch: int, dtypes, arch: int, **kwargs) -> list[dict]:
     """One row per distinct kernel of each implementation and dtype, compiled for ``sm_<arch>``; or one row saying
     that jax compiled the kernels while lowering."""
-    import hashlib
-
     rows, seen = [], set()
     for impl in impls:
         for dtype in dtypes:
@@ -270,7 +251,7 @@ def compile_rows(platform: str, topology: str, models, impls, batch: int, dtype:
     rows = []
     for name in models:
         for impl in impls:
-            model = _model(name, impl, dtype)
+            model = lowered_ops.abstract_model(name, impl, dtype)
             graphdef, params, rest = nnx.split(model, nnx.Param, ...)
             x = jax.ShapeDtypeStruct((batch, *model.img_size, model.in_chans), jnp.float32, sharding=on_device)
             y = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=on_device)

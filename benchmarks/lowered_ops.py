@@ -42,17 +42,27 @@ def count_ops(text: str) -> dict[str, dict[str, float]]:
     return {op: {"count": count[op], "gib": round(nbytes[op] / 2**30, 3)} for op in sorted(count)}
 
 
-def lowered_forward(model_name: str, impl: str, platform: str, batch: int, dtype: str, **kwargs) -> str:
-    """The StableHLO text of ``model_name``'s forward pass with ``attn_impl=impl``, lowered for ``platform``."""
-    import jax
+def abstract_model(model_name: str, impl: str, dtype: str, **kwargs):
+    """``model_name`` with ``attn_impl=impl`` and ``dtype`` compute (``'fp32'``, ``'bf16'``), shapes only (no weights
+    are drawn)."""
     import jax.numpy as jnp
     from flax import nnx
 
     import swin_jax
-    from swin_jax import attention
 
     compute = {"fp32": None, "bf16": jnp.bfloat16}[dtype]
-    model = nnx.eval_shape(lambda: swin_jax.create_model(model_name, attn_impl=impl, dtype=compute, **kwargs))
+    return nnx.eval_shape(lambda: swin_jax.create_model(model_name, attn_impl=impl, dtype=compute, **kwargs))
+
+
+def lower_forward(model_name: str, impl: str, platform: str, batch: int, dtype: str, **kwargs):
+    """``model_name``'s forward pass with ``attn_impl=impl``, lowered for ``platform`` (a ``jax.stages.Lowered``)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from swin_jax import attention
+
+    model = abstract_model(model_name, impl, dtype, **kwargs)
     graphdef, state = nnx.split(model)
     x = jax.ShapeDtypeStruct((batch, *model.img_size, model.in_chans), jnp.float32)
 
@@ -60,7 +70,12 @@ def lowered_forward(model_name: str, impl: str, platform: str, batch: int, dtype
         return nnx.merge(graphdef, state)(x)
 
     with attention.lowering_for(platform):
-        return jax.jit(forward).trace(state, x).lower(lowering_platforms=(platform,)).as_text()
+        return jax.jit(forward).trace(state, x).lower(lowering_platforms=(platform,))
+
+
+def lowered_forward(model_name: str, impl: str, platform: str, batch: int, dtype: str, **kwargs) -> str:
+    """The StableHLO text of ``model_name``'s forward pass with ``attn_impl=impl``, lowered for ``platform``."""
+    return lower_forward(model_name, impl, platform, batch, dtype, **kwargs).as_text()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -194,7 +194,7 @@ def test_device_compile_builds_cuda_kernels_without_spills():
 
 
 @pytest.mark.parametrize(
-    "platform, needs", [("tpu", r"libtpu==0\.0\.\d+"), ("cuda", r"jax-cuda13-plugin\[with-cuda\]==")]
+    "platform, needs", [("tpu", r"libtpu==0\.0\.\d+"), ("cuda", r"jax-cuda13-plugin\[with-cuda\]==0\.\d+")]
 )
 def test_device_compile_without_the_compiler_says_how_to_get_it(monkeypatch, platform, needs):
     """The ``tpu`` and ``cuda`` commands need a compiler jax does not install by default: named, at the version this
