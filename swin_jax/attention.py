@@ -21,7 +21,8 @@ per window and head, in float32 softmax. They differ in how that is lowered:
 - ``'pallas'``: one Pallas kernel per window and head that keeps the ``N x N`` logits on chip: q·kᵀ, bias
   and mask, softmax, ·v. Triton on CUDA (tokens padded to a power of two: 49 -> 64, 144 -> 256; a head_dim
   that is not one padded with zero channels, to at least 16), Mosaic on TPU (tokens padded to a multiple of 8,
-  eight windows per grid step), ``interpret=True`` on the CPU (slow: for tests). Padded keys are masked
+  eight windows per grid step), ``interpret=True`` on the CPU (slow: for tests). On CUDA each program computes one
+  window and :data:`TRITON_TUNING`'s heads with its warps (:func:`triton_tuning` changes them). Padded keys are masked
   exactly. Its derivatives are plain JAX's: in a training step (:func:`swin_jax.models.reverse_mode`) the
   backward pass recomputes the attention from q, k, v and the bias. Mosaic GPU is not used: its attention
   needs head_dim % 64 == 0, and every Swin has head_dim 32. Where no kernel backend applies (ROCm) it runs the
@@ -69,6 +70,9 @@ __all__ = [
     "window_attention",
     "MapGeometry",
     "map_attention",
+    "TritonTuning",
+    "TRITON_TUNING",
+    "triton_tuning",
 ]
 
 IMPLS = ("einsum", "xla", "cudnn", "pallas", "pallas_fused")
@@ -80,6 +84,25 @@ IMPLS = ("einsum", "xla", "cudnn", "pallas", "pallas_fused")
 AUTO_PICKS = {"cpu": "einsum", "cuda": "einsum", "rocm": "einsum", "tpu": "einsum"}
 
 _TARGET: contextvars.ContextVar[str | None] = contextvars.ContextVar("swin_jax_attention_target", default=None)
+
+
+class TritonTuning(NamedTuple):
+    """How a Pallas kernel is launched on CUDA (Triton): ``num_warps`` per program, and ``heads_per_step``, the heads
+    one program computes, one after the other, sharing the window's index arithmetic and (``'pallas_fused'``) the
+    shift mask; adjacent heads' channels are adjacent in memory. A model whose head count it does not divide uses the
+    largest divisor below it. The interpreter (CPU) runs the same programs and ignores ``num_warps``."""
+
+    num_warps: int = 4
+    heads_per_step: int = 1
+
+
+# The launch each Triton kernel gets (:func:`triton_tuning` overrides it while tracing). These are the first choices,
+# not measured ones: ``python benchmarks/kernel_tune.py`` measures the alternatives on a GPU (BENCHMARKS.md).
+TRITON_TUNING = {"pallas": TritonTuning(), "pallas_fused": TritonTuning()}
+
+_TUNING: contextvars.ContextVar[dict[str, TritonTuning] | None] = contextvars.ContextVar(
+    "swin_jax_triton_tuning", default=None
+)
 
 
 def attention_impls() -> tuple[str, ...]:
@@ -115,6 +138,31 @@ def lowering_for(platform: str) -> Iterator[None]:
         yield
     finally:
         _TARGET.reset(token)
+
+
+@contextlib.contextmanager
+def triton_tuning(**tuning: TritonTuning) -> Iterator[None]:
+    """Launch the named Pallas kernels (``pallas=...``, ``pallas_fused=...``) with these :class:`TritonTuning` s in
+    programs traced inside this block; the others as :data:`TRITON_TUNING` says. jit caches a traced program: trace
+    (or jit) a fresh function inside the block."""
+    unknown = sorted(set(tuning) - set(TRITON_TUNING))
+    if unknown:
+        raise ValueError(f"no Triton kernel named {', '.join(unknown)}; expected {', '.join(TRITON_TUNING)}")
+    for name, value in tuning.items():
+        if not isinstance(value, TritonTuning) or value.num_warps < 1 or value.heads_per_step < 1:
+            raise ValueError(f"{name}: expected a TritonTuning of positive numbers, got {value!r}")
+    token = _TUNING.set({**(_TUNING.get() or {}), **tuning})
+    try:
+        yield
+    finally:
+        _TUNING.reset(token)
+
+
+def _tuning(kernel: str, heads: int) -> TritonTuning:
+    """``kernel``'s launch while tracing, its ``heads_per_step`` lowered to a divisor of ``heads``."""
+    tuning = (_TUNING.get() or {}).get(kernel, TRITON_TUNING[kernel])
+    step = next(n for n in range(min(tuning.heads_per_step, heads), 0, -1) if heads % n == 0)
+    return tuning._replace(heads_per_step=step)
 
 
 def resolve(name: str, platform: str | None = None) -> str:
@@ -306,12 +354,14 @@ def _attend(q, k, v, full, precision) -> jax.Array:
     )
 
 
-def _window_kernel(q_ref, k_ref, v_ref, b_ref, o_ref, *, groups: int, per_window_bias: bool, precision):
-    """One grid step: ``groups`` windows of one head. Refs: q, k, v, o ``[G, 1, Np, d]``, bias ``[G or 1, 1, Np,
+def _window_kernel(q_ref, k_ref, v_ref, b_ref, o_ref, *, per_window_bias: bool, precision):
+    """One grid step: ``G`` windows of ``Hs`` heads. Refs: q, k, v, o ``[G, Hs, Np, d]``, bias ``[G or 1, Hs, Np,
     Np]``."""
+    groups, heads = q_ref.shape[:2]
     for g in range(groups):
-        o = _attend(q_ref[g, 0], k_ref[g, 0], v_ref[g, 0], b_ref[g if per_window_bias else 0, 0], precision)
-        o_ref[g, 0] = o.astype(o_ref.dtype)
+        for h in range(heads):
+            o = _attend(q_ref[g, h], k_ref[g, h], v_ref[g, h], b_ref[g if per_window_bias else 0, h], precision)
+            o_ref[g, h] = o.astype(o_ref.dtype)
 
 
 def _windows_per_step(bw: int, nwb: int, layout: str) -> int:
@@ -324,31 +374,34 @@ def _windows_per_step(bw: int, nwb: int, layout: str) -> int:
 def _pallas_forward(q, k, v, full, layout: str, interpret: bool) -> jax.Array:
     """q, k, v ``[BW, heads, Np, d]``, ``full`` ``[nWb, heads, Np, Np]`` -> ``[BW, heads, Np, d]``.
 
-    ``layout``: ``'cuda'`` (Triton) or ``'tpu'`` (Mosaic) blocking and compiler parameters; ``interpret``: run
-    the kernel with Pallas' interpreter instead (any platform; how the CPU runs both layouts)."""
+    ``layout``: ``'cuda'`` (Triton, launched as :func:`triton_tuning` says) or ``'tpu'`` (Mosaic) blocking and
+    compiler parameters; ``interpret``: run the kernel with Pallas' interpreter instead (any platform; how the CPU
+    runs both layouts)."""
     from jax.experimental import pallas as pl
 
     bw, heads, n_pad, d = q.shape
     nwb = full.shape[0]
     groups = _windows_per_step(bw, nwb, layout)
-    tile = pl.BlockSpec((groups, 1, n_pad, d), lambda w, h: (w, h, 0, 0))
+    tuning = _tuning("pallas", heads) if layout == "cuda" else TritonTuning()
+    step = tuning.heads_per_step
+    tile = pl.BlockSpec((groups, step, n_pad, d), lambda w, h: (w, h, 0, 0))
     if nwb > 1:
-        bias_spec = pl.BlockSpec((groups, 1, n_pad, n_pad), lambda w, h: (w % (nwb // groups), h, 0, 0))
+        bias_spec = pl.BlockSpec((groups, step, n_pad, n_pad), lambda w, h: (w % (nwb // groups), h, 0, 0))
     else:
-        bias_spec = pl.BlockSpec((1, 1, n_pad, n_pad), lambda w, h: (0, h, 0, 0))
+        bias_spec = pl.BlockSpec((1, step, n_pad, n_pad), lambda w, h: (0, h, 0, 0))
     compiler_params = None  # the interpreter takes none
     if not interpret and layout == "cuda":
         from jax.experimental.pallas import triton as pl_triton
 
-        compiler_params = pl_triton.CompilerParams(num_warps=4, num_stages=1)
+        compiler_params = pl_triton.CompilerParams(num_warps=tuning.num_warps, num_stages=1)
     elif not interpret and layout == "tpu":
         from jax.experimental.pallas import tpu as pl_tpu
 
         compiler_params = pl_tpu.CompilerParams(dimension_semantics=("parallel", "parallel"))
-    kernel = functools.partial(_window_kernel, groups=groups, per_window_bias=nwb > 1, precision=_matmul_precision())
+    kernel = functools.partial(_window_kernel, per_window_bias=nwb > 1, precision=_matmul_precision())
     return pl.pallas_call(
         kernel,
-        grid=(bw // groups, heads),
+        grid=(bw // groups, heads // step),
         in_specs=[tile, tile, tile, bias_spec],
         out_specs=tile,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -452,8 +505,10 @@ def _region(coord: jax.Array, padded: int, window: int, shift: int) -> jax.Array
     return region
 
 
-def _map_kernel(qkv_ref, b_ref, *refs, geometry: MapGeometry, q_scale: float | None, n_pad: int, precision):
-    """One grid step: one window of one image and one head, gathered from the unshifted map.
+def _map_kernel(
+    qkv_ref, b_ref, *refs, geometry: MapGeometry, q_scale: float | None, n_pad: int, heads_per_step: int, precision
+):
+    """One grid step: one window of one image and ``heads_per_step`` heads, gathered from the unshifted map.
 
     Refs: qkv ``[B, H * W, 3, heads, d]`` (the map's tokens row-major, as the qkv projection writes them), bias
     ``[heads, Np, Np]`` (padded keys at the dtype's minimum), where timm pads the map the k and v of a padded token
@@ -475,7 +530,9 @@ def _map_kernel(qkv_ref, b_ref, *refs, geometry: MapGeometry, q_scale: float | N
     (h, w), (wh, ww), (sh, sw) = geometry
     hp, wp = _round_up(h, wh), _round_up(w, ww)
     d, d_pad = qkv_ref.shape[-1], _triton_size(qkv_ref.shape[-1])
-    image, window, head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    image, window, first = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    if heads_per_step > 1:
+        first = first * heads_per_step
     t = jax.lax.broadcasted_iota(jnp.int32, (n_pad,), 0)
     i = (window // (wp // ww)) * wh + t // ww
     j = (window % (wp // ww)) * ww + t % ww
@@ -491,44 +548,57 @@ def _map_kernel(qkv_ref, b_ref, *refs, geometry: MapGeometry, q_scale: float | N
         x = ref[index]
         return x if d_pad == d else jnp.where(in_head, x, jnp.zeros_like(x))
 
-    q, k, v = (load(qkv_ref, image, rows, part, head, read) for part in range(3))
-    if q_scale is not None:
-        q = q * jnp.asarray(q_scale, q.dtype)
-    if pad_ref:  # timm's padded tokens are keys too: a zero token's k and v
-        zero = jnp.zeros((n_pad, d_pad), jnp.int32)
-        k = jnp.where(real_rows, k, load(pad_ref[0], zero, head, read))
-        v = jnp.where(real_rows, v, load(pad_ref[0], zero + 1, head, read))
-    full = b_ref[head]
-    if sh or sw:
-        region = _region(i, hp, wh, sh) * 3 + _region(j, wp, ww, sw)
-        full = full + jnp.where(region[:, None] == region[None, :], 0.0, MASK_VALUE).astype(full.dtype)
-    o = _attend(q, k, v, full, precision)
-    # tokens that are no map token, and padded channels, go past the end, where the masked store drops them
-    out_rows = jnp.broadcast_to(jnp.where(real, source, h * w)[:, None], (n_pad, d_pad))
-    stored = real_rows if d_pad == d else real_rows & in_head
-    pl_triton.store(o_ref.at[image, out_rows, head, channel], o.astype(o_ref.dtype), mask=stored)
+    mask = out_rows = None  # computed for the first head, shared by the others
+    for step in range(heads_per_step):
+        head = first + step if step else first
+        q, k, v = (load(qkv_ref, image, rows, part, head, read) for part in range(3))
+        if q_scale is not None:
+            q = q * jnp.asarray(q_scale, q.dtype)
+        if pad_ref:  # timm's padded tokens are keys too: a zero token's k and v
+            zero = jnp.zeros((n_pad, d_pad), jnp.int32)
+            k = jnp.where(real_rows, k, load(pad_ref[0], zero, head, read))
+            v = jnp.where(real_rows, v, load(pad_ref[0], zero + 1, head, read))
+        full = b_ref[head]
+        if sh or sw:
+            if mask is None:
+                region = _region(i, hp, wh, sh) * 3 + _region(j, wp, ww, sw)
+                mask = jnp.where(region[:, None] == region[None, :], 0.0, MASK_VALUE).astype(full.dtype)
+            full = full + mask
+        o = _attend(q, k, v, full, precision)
+        if out_rows is None:
+            # tokens that are no map token, and padded channels, go past the end, where the masked store drops them
+            out_rows = jnp.broadcast_to(jnp.where(real, source, h * w)[:, None], (n_pad, d_pad))
+            stored = real_rows if d_pad == d else real_rows & in_head
+        pl_triton.store(o_ref.at[image, out_rows, head, channel], o.astype(o_ref.dtype), mask=stored)
 
 
 def _map_forward(qkv, bias, pad_kv, geometry: MapGeometry, q_scale: float | None, interpret: bool) -> jax.Array:
-    """The fused kernel (Triton's layout; ``interpret``: Pallas' interpreter). ``qkv`` ``[B, H * W, 3, heads, d]``,
-    ``bias`` ``[heads, N, N]``, ``pad_kv`` ``[2, heads, d]`` or None -> ``[B, H * W, heads, d]``."""
+    """The fused kernel (Triton's layout, launched as :func:`triton_tuning` says; ``interpret``: Pallas'
+    interpreter). ``qkv`` ``[B, H * W, 3, heads, d]``, ``bias`` ``[heads, N, N]``, ``pad_kv`` ``[2, heads, d]`` or
+    None -> ``[B, H * W, heads, d]``."""
     from jax.experimental import pallas as pl
 
     batch, tokens, _, heads, d = qkv.shape
     (h, w), (wh, ww), _ = geometry
     n_pad = _padded_tokens(wh * ww, "cuda")
     full = _bias_and_mask(bias, None, n_pad, qkv.dtype)[0]
+    tuning = _tuning("pallas_fused", heads)
     compiler_params = None
     if not interpret:
         from jax.experimental.pallas import triton as pl_triton
 
-        compiler_params = pl_triton.CompilerParams(num_warps=4, num_stages=1)
+        compiler_params = pl_triton.CompilerParams(num_warps=tuning.num_warps, num_stages=1)
     kernel = functools.partial(
-        _map_kernel, geometry=geometry, q_scale=q_scale, n_pad=n_pad, precision=_matmul_precision()
+        _map_kernel,
+        geometry=geometry,
+        q_scale=q_scale,
+        n_pad=n_pad,
+        heads_per_step=tuning.heads_per_step,
+        precision=_matmul_precision(),
     )
     return pl.pallas_call(
         kernel,
-        grid=(batch, _round_up(h, wh) // wh * (_round_up(w, ww) // ww), heads),
+        grid=(batch, _round_up(h, wh) // wh * (_round_up(w, ww) // ww), heads // tuning.heads_per_step),
         out_shape=jax.ShapeDtypeStruct((batch, tokens, heads, d), qkv.dtype),
         interpret=interpret,
         compiler_params=compiler_params,

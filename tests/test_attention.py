@@ -210,6 +210,59 @@ def test_kernels_take_any_head_dim():
         assert KERNEL_MARK[(impl, "cuda")][1] in export_model(model, platforms=["cuda"], batch_size=1).mlir_module()
 
 
+def _cuda_launches(fn, *args) -> list[dict[str, int]]:
+    """Each Triton call's launch (grid and warps) in ``fn`` exported for CUDA."""
+    import re
+
+    triton = swin_jax.export._triton_call()
+    unsafe = [jax.export.DisabledSafetyCheck.custom_call(triton)]
+    text = jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=unsafe)(*args).mlir_module()
+    calls = [line for line in text.splitlines() if triton in line and "num_warps" in line]
+    keys = ("grid_x", "grid_y", "grid_z", "num_warps")
+    return [{k: int(re.search(rf"{k} = (\d+)", line)[1]) for k in keys} for line in calls]
+
+
+def test_triton_tuning_changes_the_launch_not_the_function():
+    """attention.triton_tuning: several heads per program (a divisor of the head count: 3 of 4 heads runs 2) and
+    another warp count launch fewer, larger programs that compute the same values, bit for bit, interpreted; the
+    CUDA lowering carries the launch, and outside the block the defaults (TRITON_TUNING) are back."""
+    rng = np.random.default_rng(1)
+    heads, d = 4, 16
+    geometry = attention.MapGeometry((9, 9), (7, 7), (3, 3))  # padded and shifted
+    qkv, pad_kv = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((2, 81, 3, heads, d), (2, heads, d)))
+    bias = jnp.asarray(rng.standard_normal((heads, 49, 49)), jnp.float32)
+    full = attention._bias_and_mask(bias, np.zeros((4, 49, 49), np.float32), 64, jnp.float32)
+    q, k, v = (jnp.asarray(rng.standard_normal((8, heads, 64, d)), jnp.float32) for _ in range(3))
+
+    def fused(interpret):
+        return lambda *a: attention._map_forward(*a, pad_kv, geometry, 0.25, interpret=interpret)
+
+    def windowed(interpret):
+        return lambda *a: attention._pallas_forward(*a, "cuda", interpret=interpret)
+
+    expected = fused(True)(qkv, bias), windowed(True)(q, k, v, full)
+    for step in (3, 4):
+        tuning = attention.TritonTuning(num_warps=2, heads_per_step=step)
+        with attention.triton_tuning(pallas=tuning, pallas_fused=tuning):
+            assert attention._tuning("pallas_fused", heads).heads_per_step == (2 if step == 3 else step)
+            np.testing.assert_array_equal(np.asarray(fused(True)(qkv, bias)), np.asarray(expected[0]))
+            np.testing.assert_array_equal(np.asarray(windowed(True)(q, k, v, full)), np.asarray(expected[1]))
+            launches = _cuda_launches(fused(False), qkv, bias) + _cuda_launches(windowed(False), q, k, v, full)
+        runs = 2 if step == 3 else step
+        assert launches == [
+            {"grid_x": 2, "grid_y": 4, "grid_z": heads // runs, "num_warps": 2},
+            {"grid_x": 8, "grid_y": heads // runs, "grid_z": 1, "num_warps": 2},
+        ]
+    assert attention.TRITON_TUNING["pallas_fused"] == attention.TritonTuning(num_warps=4, heads_per_step=1)
+    assert _cuda_launches(fused(False), qkv, bias) == [{"grid_x": 2, "grid_y": 4, "grid_z": heads, "num_warps": 4}]
+    with pytest.raises(ValueError, match="no Triton kernel named flash; expected pallas, pallas_fused"):
+        with attention.triton_tuning(flash=attention.TritonTuning()):
+            pass
+    with pytest.raises(ValueError, match="pallas: expected a TritonTuning of positive numbers"):
+        with attention.triton_tuning(pallas=attention.TritonTuning(num_warps=0)):
+            pass
+
+
 def test_impl_names_listed_and_unknown_refused():
     assert swin_jax.attention_impls() == ("auto", "einsum", "xla", "cudnn", "pallas", "pallas_fused")
     with pytest.raises(ValueError, match="unknown attn_impl 'flash'; expected one of auto, einsum, xla, cudnn"):
