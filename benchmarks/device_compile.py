@@ -119,23 +119,45 @@ def compile_triton(kernel: dict, arch: int) -> dict:
     return {"registers": regs, "stack": stack, "shared": shared, "local": local, "triton_shared": shared_needed}
 
 
-def triton_rows(name: str, impls, batch: int, dtypes, arch: int, **kwargs) -> list[dict]:
-    """One row per distinct kernel of each implementation and dtype, compiled for ``sm_<arch>``; or one row saying
-    that jax compiled the kernels while lowering."""
+# an sm_80/sm_90 multiprocessor: 64K registers, at most 64 warps and 32 programs (thread blocks) resident
+SM_REGISTERS, SM_WARPS, SM_PROGRAMS = 65536, 64, 32
+
+
+def programs_per_sm(registers: int, num_warps: int) -> int:
+    """How many programs of ``num_warps`` warps at ``registers`` per thread one multiprocessor holds at once, as its
+    registers (allocated per warp in units of 256: 8 per thread) and warp slots allow."""
+    per_warp = -(-registers // 8) * 8 * 32
+    return min(SM_PROGRAMS, SM_WARPS // num_warps, SM_REGISTERS // (per_warp * num_warps))
+
+
+def triton_rows(name: str, impls, batch: int, dtypes, arch: int, tunings=("w4h1",), **kwargs) -> list[dict]:
+    """One row per distinct kernel of each implementation, dtype and Triton launch (``tunings``, as
+    ``kernel_tune.py`` writes them: ``w<num_warps>h<heads per program>``), compiled for ``sm_<arch>``, with the
+    programs a multiprocessor holds at once; or one row saying that jax compiled the kernels while lowering."""
+    from kernel_tune import parse_tuning
+
+    from swin_jax import attention
+
     rows, seen = [], set()
-    for impl in impls:
-        for dtype in dtypes:
-            kernels, compiled_at_lowering = triton_kernels(name, impl, batch, dtype, **kwargs)
-            if compiled_at_lowering and not kernels:
-                rows.append({"impl": impl, "dtype": dtype, "compiled_at_lowering": compiled_at_lowering})
-                continue
-            for kernel in kernels:
-                key = hashlib.sha1(kernel["ir"].encode()).hexdigest()
-                if key in seen:  # stages of one geometry share a kernel
+    for spec in tunings:
+        tuning = parse_tuning(spec)
+        for impl in impls:
+            for dtype in dtypes:
+                with attention.triton_tuning(**{impl: tuning}):
+                    kernels, compiled_at_lowering = triton_kernels(name, impl, batch, dtype, **kwargs)
+                if compiled_at_lowering and not kernels:
+                    rows.append({"impl": impl, "dtype": dtype, "compiled_at_lowering": compiled_at_lowering})
                     continue
-                seen.add(key)
-                row = {"impl": impl, "dtype": dtype, "kernel": kernel["name"], "grid": kernel["grid"]}
-                rows.append({**row, **compile_triton(kernel, arch)})
+                for kernel in kernels:
+                    key = (spec, hashlib.sha1(kernel["ir"].encode()).hexdigest())
+                    if key in seen:  # stages of one geometry share a kernel
+                        continue
+                    seen.add(key)
+                    row = {"impl": impl, "dtype": dtype, "tuning": spec, "kernel": kernel["name"]}
+                    row |= {"grid": kernel["grid"], "num_warps": kernel["num_warps"]}
+                    row |= compile_triton(kernel, arch)
+                    row["programs_per_sm"] = programs_per_sm(row["registers"], kernel["num_warps"])
+                    rows.append(row)
     return rows
 
 
@@ -299,6 +321,7 @@ def main(argv: list[str] | None = None) -> None:
     tri.add_argument("--batch", type=int, default=256)
     tri.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=["fp32", "bf16"])
     tri.add_argument("--arch", type=int, default=90, help="sm_<arch>: 90 H100/H200, 80 A100")
+    tri.add_argument("--tunings", nargs="+", default=["w4h1"], help="Triton launches (kernel_tune.py), e.g. w2h2")
     tpu = sub.add_parser("tpu", help="compile whole models ahead of time for a TPU topology (needs libtpu)")
     tpu.add_argument("--topology", default="v5e:2x2", help="e.g. v5e:2x2, v6e:2x2, v5p:2x2x1, v4:2x2x1")
     cuda = sub.add_parser("cuda", help="compile whole models ahead of time for an H200 (needs jax's CUDA plugin)")
@@ -324,8 +347,8 @@ def main(argv: list[str] | None = None) -> None:
         import triton
 
         versions["triton"] = triton.__version__
-        settings = {k: getattr(args, k) for k in ("model", "batch", "dtypes", "arch")}
-        rows = triton_rows(args.model, ("pallas", "pallas_fused"), args.batch, args.dtypes, args.arch)
+        settings = {k: getattr(args, k) for k in ("model", "batch", "dtypes", "arch", "tunings")}
+        rows = triton_rows(args.model, ("pallas", "pallas_fused"), args.batch, args.dtypes, args.arch, args.tunings)
         for row in rows:
             print(json.dumps(row))
     else:

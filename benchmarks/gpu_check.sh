@@ -27,6 +27,9 @@
 #  11. the bf16 training step with cuDNN's attention and with the Pallas kernels (attn_impl cudnn: cuDNN's own
 #      backward, the least memory traffic of all in the compile-time estimate, BENCHMARKS.md "Compiled without the
 #      device"; pallas, pallas_fused: forward in the kernel, the backward recomputing the attention in plain JAX).
+#  12. each block's attention alone, per implementation and per Triton launch of the Pallas kernels (warps, heads per
+#      program: benchmarks/kernel_tune.py; the most frequent blocks first): which launch TRITON_TUNING should name.
+#      If the budget ran out before it, it is the next call: PYTHONPATH=. python benchmarks/kernel_tune.py --out F.
 # A dry run on the CPU (small model and batches, to check the script, not to measure):
 #   MODEL=swin_tiny_patch4_window7_224 TRAIN_BATCH=2 INFER_BATCH=2 bash benchmarks/gpu_check.sh /tmp/dry
 # Afterwards, here: python benchmarks/bench.py --merge OUTDIR/train-bf16.json OUTDIR/infer-bf16.json \
@@ -74,4 +77,6 @@ for flags in --xla_gpu_enable_command_buffer= --xla_gpu_enable_cudnn_layer_norm=
 done
 bench --no-peak --train-batch ${TRAIN_BATCH:-64} --out "$out/train-attn.json" --variants \
     jax-train-bf16@cudnn jax-train-bf16@pallas_fused jax-train-bf16@pallas
+[ "$(left)" -gt 60 ] && timeout "$(left)" python benchmarks/kernel_tune.py --model "$model" \
+    --batch ${INFER_BATCH:-256} --repeats ${TUNE_REPEATS:-10} --out "$out/tune.json"
 echo "done after $SECONDS s"

@@ -193,6 +193,35 @@ def test_device_compile_builds_cuda_kernels_without_spills():
         assert 0 < r["triton_shared"] <= 228 * 1024, r  # an sm_90 block's shared memory
 
 
+def test_kernel_tune_times_every_block_and_launch_and_checks_each_against_einsum(tmp_path):
+    """benchmarks/kernel_tune.py on the CPU (kernels interpreted): a row per distinct block (here a padded, shifted
+    stage: two geometries) and variant, each launch's output equal to the einsum path's, the model's estimate
+    weighting each block by its count; malformed launches refused before anything runs."""
+    import kernel_tune
+    from flax import nnx
+
+    import swin_jax
+
+    cfg = dict(embed_dim=32, depths=(3,), num_heads=(2,), img_size=(36, 28), window_size=4, num_classes=3)
+    model = swin_jax.create_model("swin_tiny_patch4_window7_224", **cfg, rngs=nnx.Rngs(0))
+    rows = kernel_tune.tune_rows(model, 1, ["einsum", "pallas_fused"], ["w4h1", "w2h2"], repeats=1, warmup=0)
+    assert [(r["variant"], r["shift"], r["count"]) for r in rows] == [
+        (v, shift, count)
+        for shift, count in (([0, 0], 2), ([2, 2], 1))
+        for v in ("einsum", "pallas_fused:w4h1", "pallas_fused:w2h2")
+    ]
+    for r in rows:
+        assert r["size"] == [9, 7] and r["heads"] == 2 and r["ms"] > 0 and "error" not in r, r
+        assert r["rel_err_vs_einsum"] < 1e-6, r
+    summary = {s["variant"]: s for s in kernel_tune.summarize(rows, batch=1)}
+    einsum = [r["ms"] for r in rows if r["variant"] == "einsum"]
+    assert summary["einsum"]["model_ms"] == pytest.approx(2 * einsum[0] + einsum[1], abs=2e-3)
+    assert set(summary) == {"einsum", "pallas_fused:w4h1", "pallas_fused:w2h2"}
+    for spec in ("w0h1", "4x1", "w4"):
+        with pytest.raises(ValueError, match="a Triton launch is w<num_warps>h<heads per program>"):
+            kernel_tune.parse_tuning(spec)
+
+
 @pytest.mark.parametrize(
     "platform, needs", [("tpu", r"libtpu==0\.0\.\d+"), ("cuda", r"jax-cuda13-plugin\[with-cuda\]==0\.\d+")]
 )
