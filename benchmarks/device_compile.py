@@ -244,10 +244,14 @@ device_description_str: "NVIDIA H200"
 """
 
 
-def compile_rows(platform: str, topology: str, models, impls, batch: int, dtype: str, grads: bool) -> list[dict]:
+def compile_rows(
+    platform: str, topology: str, models, impls, batch: int, dtype: str, grads: bool, scan: bool = False
+) -> list[dict]:
     """Each model's forward pass (and training gradient) compiled ahead of time for one device of a TPU
     ``topology`` (``platform='tpu'``, needs libtpu) or for an H200 (``platform='cuda'``, needs jax's CUDA plugin;
-    ``topology`` unused): whether it compiles, its Pallas kernels, and XLA's figure for its temporaries."""
+    ``topology`` unused): whether it compiles, its Pallas kernels, XLA's figure for its temporaries, and the compile's
+    seconds on this host (no autotuning: there is no device to time candidates on). ``scan``: each stage's repeated
+    blocks as one scan (``set_scan_blocks``)."""
     if platform == "tpu":
         _check_installed("libtpu", _jax_extra("tpu"), "tpu")
     else:
@@ -274,6 +278,7 @@ def compile_rows(platform: str, topology: str, models, impls, batch: int, dtype:
     for name in models:
         for impl in impls:
             model = lowered_ops.abstract_model(name, impl, dtype)
+            model.set_scan_blocks(scan)
             graphdef, params, rest = nnx.split(model, nnx.Param, ...)
             x = jax.ShapeDtypeStruct((batch, *model.img_size, model.in_chans), jnp.float32, sharding=on_device)
             y = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=on_device)
@@ -291,7 +296,7 @@ def compile_rows(platform: str, topology: str, models, impls, batch: int, dtype:
             programs = [("forward", forward, (x,))] + ([("gradient", gradient, (x, y))] if grads else [])
             for what, fn, data in programs:
                 start = time.perf_counter()
-                row = {"model": name, "impl": impl, "dtype": dtype, "program": what}
+                row = {"model": name, "impl": impl, "dtype": dtype, "program": what, "scan_blocks": scan}
                 try:
                     with attention.lowering_for(platform):
                         lowered = jax.jit(fn).lower(spec(params), spec(rest), *data)
@@ -299,11 +304,14 @@ def compile_rows(platform: str, topology: str, models, impls, batch: int, dtype:
                     row[f"{'mosaic' if platform == 'tpu' else 'triton'}_kernels"] = text.count(kernel_call)
                     if platform == "cuda":
                         row["cudnn_attention_calls"] = text.count("__cudnn$fmha")
+                    compiling = time.perf_counter()
                     compiled = lowered.compile()
+                    row["compile_s"] = round(time.perf_counter() - compiling, 1)
                     row["temp_gib"] = round(compiled.memory_analysis().temp_size_in_bytes / 2**30, 3)
-                    traffic = kernel_traffic(compiled.as_text())
-                    row["traffic_gib"] = round(sum(traffic.values()) / 2**30, 2)
-                    row["traffic_gib_by_kind"] = {k: round(v / 2**30, 2) for k, v in sorted(traffic.items())}
+                    if not scan:  # kernel_traffic reads ENTRY's kernels: a scan's loop body is not counted
+                        traffic = kernel_traffic(compiled.as_text())
+                        row["traffic_gib"] = round(sum(traffic.values()) / 2**30, 2)
+                        row["traffic_gib_by_kind"] = {k: round(v / 2**30, 2) for k, v in sorted(traffic.items())}
                     row["compiled"] = True
                 except Exception as e:  # noqa: BLE001 -- recorded: the point is to see what fails
                     row["compiled"], row["error"] = False, f"{type(e).__name__}: {str(e)[:2000]}"
@@ -331,6 +339,7 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--batch", type=int, default=batch)
         p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
         p.add_argument("--no-grads", action="store_true", help="forward passes only")
+        p.add_argument("--scan-blocks", action="store_true", help="each stage's repeated blocks as one scan")
     for p in (tri, tpu, cuda):
         p.add_argument("--out", help="write the rows as JSON here too")
     args = parser.parse_args(argv)
@@ -357,11 +366,18 @@ def main(argv: list[str] | None = None) -> None:
             versions[plugin] = importlib.metadata.version(plugin)
         except importlib.metadata.PackageNotFoundError:
             versions[plugin] = None
-        keys = ("topology",) * (args.command == "tpu") + ("models", "attn_impls", "batch", "dtype")
+        keys = ("topology",) * (args.command == "tpu") + ("models", "attn_impls", "batch", "dtype", "scan_blocks")
         settings = {**{k: getattr(args, k) for k in keys}, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
         topology = getattr(args, "topology", "")
         rows = compile_rows(
-            args.command, topology, args.models, args.attn_impls, args.batch, args.dtype, not args.no_grads
+            args.command,
+            topology,
+            args.models,
+            args.attn_impls,
+            args.batch,
+            args.dtype,
+            not args.no_grads,
+            args.scan_blocks,
         )
     result = {
         "command": " ".join(["python", "benchmarks/device_compile.py", *(sys.argv[1:] if argv is None else argv)]),
