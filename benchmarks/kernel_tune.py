@@ -8,8 +8,8 @@ one jitted call. Each distinct block (stage, shifted or not) is timed once; a mo
 blocks are like it. Every variant's output is compared with the einsum path's on the same input (``rel_err``): a
 fast launch that computes something else shows.
 
-A Triton launch is written ``w<num_warps>h<heads per program>``, e.g. ``w4h1`` (today's), ``w2h2``. On a GPU (the
-second call of a GPU session, after ``gpu_check.sh``; ~2-3 minutes for Swin-B at batch 256)::
+A Triton launch is written ``w<num_warps>h<heads per program>``, e.g. ``w4h1`` (today's), ``w2h2``. On a GPU (step 5 of
+``gpu_check.sh``; ~2-3 minutes for Swin-B at batch 256)::
 
     PYTHONPATH=. python benchmarks/kernel_tune.py --out /tmp/gpu/tune.json
 
