@@ -198,7 +198,11 @@ def test_cli_writes_artifact_and_config_atomically(model, tmp_path):
         (["--weights", "/no/such/dir"], "error:"),
     ],
 )
-def test_cli_errors(tmp_path, args, message):
-    proc = _cli(ARCH, str(tmp_path / "out"), *args)
-    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+def test_cli_errors(tmp_path, args, message, capsys):
+    # in this process (the command's exit code 2 from a real process: test_cli_writes_artifact_and_config_atomically)
+    from swin_jax.cli import main
+
+    code = main(["export", ARCH, str(tmp_path / "out"), *args])
+    stderr = capsys.readouterr().err
+    assert code == 2 and message in stderr, stderr[-2000:]
+    assert "Traceback" not in stderr and not (tmp_path / "out").exists()
