@@ -1,4 +1,5 @@
-"""The conversion tool ``python -m convert``, run as a subprocess the way people run it.
+"""The conversion tool ``python -m convert``, run as a subprocess the way people run it (most error cases through
+its ``main`` in this process: see :func:`run_main`).
 
 Models are small (embed_dim 32) so that every conversion, ``--verify`` included, takes seconds. Bare
 weight files of a non-standard configuration are converted with ``--model-args`` (the architecture
@@ -7,6 +8,8 @@ is then inferred among the registered ones with those overrides applied).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -44,6 +47,20 @@ def run_cli(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.
         env = dict(os.environ, PYTHONPATH=path, HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "convert", *map(str, args)]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def run_main(*args: str | Path) -> subprocess.CompletedProcess:
+    """``python -m convert ARGS`` as :func:`run_cli` reports it, run by the command's ``main`` in this process: for
+    error tests, where a process of its own (a python + jax start each) adds nothing. A real process's exit code
+    and messages stay checked by the conversions, test_existing_output_refused_then_force_replaces,
+    test_malicious_pickle_is_refused_not_run and test_offline_hub_without_cache."""
+    from swin_jax.convert.cli import main
+
+    argv = list(map(str, args))
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = main(argv, prog="python -m convert")
+    return subprocess.CompletedProcess(argv, code, stdout.getvalue(), stderr.getvalue())
 
 
 def assert_ok(proc: subprocess.CompletedProcess) -> None:
@@ -225,20 +242,20 @@ def _truncated(src: Path, dst: Path) -> Path:
 
 
 def test_missing_file(out):
-    proc = run_cli("timm-to-flax", out.parent.parent / "nope.safetensors", out)
+    proc = run_main("timm-to-flax", out.parent.parent / "nope.safetensors", out)
     assert_user_error(proc, out, "no such file", "nope.safetensors")
 
 
 def test_truncated_safetensors(hub_dir, tmp_path, out):
     bad = _truncated(hub_dir / "model.safetensors", tmp_path / "bad.safetensors")
     assert_user_error(
-        run_cli("timm-to-flax", bad, out, "--model", ARCH), out, "bad.safetensors", "truncated or corrupt"
+        run_main("timm-to-flax", bad, out, "--model", ARCH), out, "bad.safetensors", "truncated or corrupt"
     )
 
 
 def test_truncated_pth(ms_pth, tmp_path, out):
     bad = _truncated(ms_pth, tmp_path / "bad.pth")
-    assert_user_error(run_cli("timm-to-flax", bad, out, "--model", ARCH), out, "bad.pth", "truncated or corrupt")
+    assert_user_error(run_main("timm-to-flax", bad, out, "--model", ARCH), out, "bad.pth", "truncated or corrupt")
 
 
 def test_malicious_pickle_is_refused_not_run(tmp_path, out):
@@ -253,12 +270,13 @@ def test_malicious_pickle_is_refused_not_run(tmp_path, out):
 
 
 def test_wrong_architecture_names_the_right_one(ms_pth, out):
-    proc = run_cli("timm-to-flax", ms_pth, out, "--model", "swin_small_patch4_window7_224", "--model-args", NARROW_ARGS)
+    args = ("--model", "swin_small_patch4_window7_224", "--model-args", NARROW_ARGS)
+    proc = run_main("timm-to-flax", ms_pth, out, *args)
     assert_user_error(proc, out, "does not fit swin_small_patch4_window7_224", f"pass --model {ARCH}")
 
 
 def test_wrong_architecture_for_a_hub_dir(hub_dir, out):
-    proc = run_cli("timm-to-flax", hub_dir, out, "--model", "swin_base_patch4_window7_224")
+    proc = run_main("timm-to-flax", hub_dir, out, "--model", "swin_base_patch4_window7_224")
     assert_user_error(proc, out, f"holds weights for '{ARCH}'")
 
 
@@ -268,7 +286,7 @@ def test_wrong_architecture_for_a_hub_dir(hub_dir, out):
     ids=["arch", "tag"],
 )
 def test_unknown_model_name(source, message, out):
-    assert_user_error(run_cli("timm-to-flax", source, out), out, message)
+    assert_user_error(run_main("timm-to-flax", source, out), out, message)
 
 
 def test_offline_hub_without_cache(tmp_path, out):
@@ -283,12 +301,12 @@ def test_offline_hub_without_cache(tmp_path, out):
 )
 def test_architecture_cannot_be_inferred(hub_dir, model_args, message, out):
     args = ["--model-args", model_args] if model_args else []
-    proc = run_cli("timm-to-flax", hub_dir / "model.safetensors", out, *args)
+    proc = run_main("timm-to-flax", hub_dir / "model.safetensors", out, *args)
     assert_user_error(proc, out, message, "--model")
 
 
 def test_flax_to_timm_needs_a_flax_checkpoint(hub_dir, out):
-    assert_user_error(run_cli("flax-to-timm", hub_dir, out), out, "is not a Flax checkpoint")
+    assert_user_error(run_main("flax-to-timm", hub_dir, out), out, "is not a Flax checkpoint")
 
 
 def test_usage_errors(capsys, out):
