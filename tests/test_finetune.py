@@ -375,17 +375,20 @@ def test_cli_bad_data_exit_2(tmp_path):
     assert not out.exists() and time.monotonic() - t0 < 30
 
 
-def test_cli_training_flags_reach_finetune(data, tmp_path):
+def test_cli_training_flags_reach_finetune(data, tmp_path, capsys):
+    # the command's main in this process (a real process's exit code 2: test_cli_bad_data_exit_2)
+    from swin_jax.cli import main
+
     out = tmp_path / "out"
     flags = ["--scale", "0.5", "1", "--hflip", "0", "--color-jitter", "0", "--rand-augment", "2", "11"]
-    res = subprocess.run(_cli(data, out, *flags), cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=60)
-    assert res.returncode == 2
-    assert "finetune: error: bad augmentation setting: RandAugment magnitude must be in [0, 10], got 11.0" in res.stderr
-    assert "Traceback" not in res.stderr and not out.exists()
+    assert main(_cli(data, out, *flags)[3:]) == 2
+    stderr = capsys.readouterr().err
+    assert "finetune: error: bad augmentation setting: RandAugment magnitude must be in [0, 10], got 11.0" in stderr
+    assert "Traceback" not in stderr and not out.exists()
     flags = ["--mixup", "0.8", "--cutmix", "1", "--grad-accum", "3"]
-    res = subprocess.run(_cli(data, out, *flags), cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=60)
-    assert res.returncode == 2
-    assert "finetune: error: grad_accum_steps=3 must be >= 1 and divide the 2 batches of an epoch" in res.stderr
+    assert main(_cli(data, out, *flags)[3:]) == 2
+    stderr = capsys.readouterr().err
+    assert "finetune: error: grad_accum_steps=3 must be >= 1 and divide the 2 batches of an epoch" in stderr
     assert not out.exists()
 
 
