@@ -2,8 +2,12 @@
 # The prepared GPU check, shared by the training-speed and the inference issues. Every result is written as soon as
 # it is finished, so a call that runs out of time keeps what it measured.
 #
-#   bash benchmarks/gpu_check.sh OUTDIR              # through the device tool: PYTHONPATH=. BUDGET_S=460 bash ...
+#   bash benchmarks/gpu_check.sh OUTDIR              # all steps that fit in BUDGET_S
 #   FROM=4 bash benchmarks/gpu_check.sh OUTDIR       # a second call: steps 4 onwards (same OUTDIR)
+#   ARCHIVE=F.tgz bash benchmarks/gpu_check.sh DIR   # also pack DIR into F.tgz at the end
+# Through the device tool, which brings back at most 8 files from $OUT (this writes more), as one archive:
+#   run(command="PYTHONPATH=. BUDGET_S=450 ARCHIVE=$OUT/gpu1.tgz bash benchmarks/gpu_check.sh /tmp/gpu",
+#       timeout_s=500); at once, the first step not finished as N: FROM=N BUDGET_S=<what is left> ARCHIVE=$OUT/gpu2.tgz
 #
 # One call gets BUDGET_S seconds (default 470; a device call may last 10 minutes, and a session has 15 minutes of
 # device time, machine start included). On an H100, a variant costs about its compile plus ~15 s: swin-jax
@@ -91,3 +95,6 @@ done
 step 14 && bench --no-peak --train-batch $train --out "$out/train-attn.json" --variants \
     jax-train-bf16@pallas_fused jax-train-bf16@pallas
 echo "done after $SECONDS s"
+if [ -n "${ARCHIVE:-}" ]; then
+    tar czf "$ARCHIVE" -C "$(dirname "$out")" "$(basename "$out")" && echo "packed $out into $ARCHIVE"
+fi
