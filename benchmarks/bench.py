@@ -219,6 +219,34 @@ def _profile(call, sync, calls: int = 3) -> dict | None:
     return {"calls": calls, "wall_ms_per_call": wall / calls * 1e3, **({} if busy is None else busy)}
 
 
+def triton_launch(variant: str) -> tuple[str, str | None]:
+    """A Pallas row may name the kernel's Triton launch (``kernel_tune.py``'s ``w<warps>h<heads per program>``):
+    ``'jax-bf16@pallas_fused:w4h2'`` -> ``('jax-bf16@pallas_fused', 'w4h2')``; any other name -> ``(name, None)``."""
+    base, _, spec = variant.partition(":")
+    return base, spec or None
+
+
+def unknown_variants(variants, known) -> list[str]:
+    """The names among ``variants`` that are no row of ``known``, or that name a launch (:func:`triton_launch`) on
+    a row that runs no Pallas kernel or in no valid form."""
+    from kernel_tune import parse_tuning
+
+    unknown = []
+    for variant in variants:
+        base, spec = triton_launch(variant)
+        if base not in known:
+            unknown.append(variant)
+        elif spec is not None:
+            try:
+                parse_tuning(spec)
+            except ValueError:
+                unknown.append(variant)
+                continue
+            if base.partition("@")[2] not in ("pallas", "pallas_fused"):
+                unknown.append(variant)
+    return sorted(unknown)
+
+
 def steps_per_call(variant: str) -> tuple[str, int]:
     """A ``-kN`` training row runs N steps per call (``TrainStep.run``): ``'jax-train-fp32-k8'`` ->
     ``('jax-train-fp32', 8)``; any other name -> ``(name, 1)``."""
@@ -235,6 +263,7 @@ def _jax_worker(
     variant, per_call = steps_per_call(variant)
     scan = variant.endswith("-scan")
     variant = variant.removesuffix("-scan")
+    variant, launch = triton_launch(variant)
     variant, _, attn_impl = variant.partition("@")
     import jax
 
@@ -246,7 +275,13 @@ def _jax_worker(
     from flax import nnx
 
     import swin_jax
+    from swin_jax import attention
     from swin_jax.train import TrainStep
+
+    if launch is not None:  # this worker process traces only this row: its kernel's launch, for the process
+        from kernel_tune import parse_tuning
+
+        attention.TRITON_TUNING[attn_impl] = parse_tuning(launch)
 
     bf16 = variant.endswith("bf16")
     dtype = jnp.bfloat16 if bf16 else jnp.float32
@@ -262,6 +297,7 @@ def _jax_worker(
     from swin_jax.attention import resolve
 
     out["settings"]["attn_impl"] = f"{attn_impl or 'auto'} (runs {resolve(attn_impl or 'auto')})"
+    out["settings"]["triton_tuning"] = {k: v._asdict() for k, v in attention.TRITON_TUNING.items()}
     out["settings"]["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "")
     out["settings"]["GLIBC_TUNABLES"] = os.environ.get("GLIBC_TUNABLES", "")
     out["settings"]["scan_blocks"] = scan
@@ -695,11 +731,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.variants:
         known = INFER + INFER_GPU + INFER_GPU_EXTRA + TRAIN + TRAIN_GPU
         known += FUSED_EXTRA + CUT_EXTRA + ATTN_EXTRA + SCAN_EXTRA + THP_EXTRA + STEPS_EXTRA
-        unknown = set(args.variants) - set(known)
+        unknown = unknown_variants(args.variants, set(known))
         if unknown:
-            p.error(f"unknown variants: {sorted(unknown)}")
-        infer = [v for v in args.variants if v in infer]  # in the order given
-        train = [v for v in args.variants if v in train]
+            p.error(f"unknown variants: {unknown}")
+        infer = [v for v in args.variants if triton_launch(v)[0] in infer]  # in the order given
+        train = [v for v in args.variants if triton_launch(v)[0] in train]
     started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     out = args.out or ROOT / "benchmarks" / "results" / f"{device['backend']}.json"
     flops = TIMM_FLOPS_PER_IMAGE.get(args.model)

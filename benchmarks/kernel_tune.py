@@ -13,6 +13,9 @@ A Triton launch is written ``w<num_warps>h<heads per program>``, e.g. ``w4h1`` (
 
     PYTHONPATH=. python benchmarks/kernel_tune.py --out /tmp/gpu/tune.json
 
+A launch it picks is then confirmed on the whole model against timm, side by side, by a bench.py row that names it:
+``python benchmarks/bench.py --batches 256 --train-batch 0 --variants jax-bf16@pallas_fused:w4h2 timm-compile-bf16``.
+
 A CPU dry run (the Pallas kernels interpreted: it checks the tool and every launch's function, it measures nothing
 of interest)::
 
