@@ -231,6 +231,8 @@ def unknown_variants(variants, known) -> list[str]:
     a row that runs no Pallas kernel or in no valid form."""
     from kernel_tune import parse_tuning
 
+    from swin_jax.attention import TRITON_TUNING
+
     unknown = []
     for variant in variants:
         base, spec = triton_launch(variant)
@@ -242,7 +244,7 @@ def unknown_variants(variants, known) -> list[str]:
             except ValueError:
                 unknown.append(variant)
                 continue
-            if base.partition("@")[2] not in ("pallas", "pallas_fused"):
+            if base.partition("@")[2] not in TRITON_TUNING:
                 unknown.append(variant)
     return sorted(unknown)
 
@@ -294,9 +296,7 @@ def _jax_worker(
     x = jnp.asarray(np.random.default_rng(0).standard_normal((batch, *size, 3)), jnp.float32)
     gpu = jax.default_backend() == "gpu"
     out = {"settings": {"jax_default_matmul_precision": jax.config.jax_default_matmul_precision or "default"}}
-    from swin_jax.attention import resolve
-
-    out["settings"]["attn_impl"] = f"{attn_impl or 'auto'} (runs {resolve(attn_impl or 'auto')})"
+    out["settings"]["attn_impl"] = f"{attn_impl or 'auto'} (runs {attention.resolve(attn_impl or 'auto')})"
     out["settings"]["triton_tuning"] = {k: v._asdict() for k, v in attention.TRITON_TUNING.items()}
     out["settings"]["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "")
     out["settings"]["GLIBC_TUNABLES"] = os.environ.get("GLIBC_TUNABLES", "")

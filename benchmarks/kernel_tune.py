@@ -100,7 +100,7 @@ def tune_rows(model, batch: int, impls, tunings, repeats: int, warmup: int = 2, 
             "window": list(block.window_size),
             "shift": list(block.shift_size),
         }
-        reference = None
+        reference, own_impl = None, block.attn.attn_impl
         for impl in impls:
             for spec in tunings if impl in attention.TRITON_TUNING else [None]:
                 variant = impl if spec is None else f"{impl}:{spec}"
@@ -136,7 +136,7 @@ def tune_rows(model, batch: int, impls, tunings, repeats: int, warmup: int = 2, 
                 rows.append(row)
                 if on_row is not None:
                     on_row(row)
-        block.attn.attn_impl = "auto"
+        block.attn.attn_impl = own_impl
     return rows
 
 

@@ -530,6 +530,8 @@ def _map_kernel(
     (h, w), (wh, ww), (sh, sw) = geometry
     hp, wp = _round_up(h, wh), _round_up(w, ww)
     d, d_pad = qkv_ref.shape[-1], _triton_size(qkv_ref.shape[-1])
+    # the first head of this program; with one head per program no index arithmetic is emitted for it, so the
+    # default launch's Triton IR is the one compiled and checked before launches were a setting
     image, window, first = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     if heads_per_step > 1:
         first = first * heads_per_step
