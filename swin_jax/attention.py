@@ -24,7 +24,8 @@ per window and head, in float32 softmax. They differ in how that is lowered:
   eight windows per grid step), ``interpret=True`` on the CPU (slow: for tests). On CUDA each program computes one
   window and :data:`TRITON_TUNING`'s heads with its warps (:func:`triton_tuning` changes them). Padded keys are masked
   exactly. Its derivatives are plain JAX's: in a training step (:func:`swin_jax.models.reverse_mode`) the
-  backward pass recomputes the attention from q, k, v and the bias. Mosaic GPU is not used: its attention
+  backward pass recomputes the attention from q, k, v and the bias; elsewhere a differentiated call runs the plain-JAX
+  function in the kernel's place. Mosaic GPU is not used: its attention
   needs head_dim % 64 == 0, and every Swin has head_dim 32. Where no kernel backend applies (ROCm) it runs the
   ``'xla'`` path. jax 0.11 deprecates Pallas's Triton backend (the CUDA kernel lowers with a
   ``DeprecationWarning``; a later jax removes it).
@@ -444,17 +445,18 @@ _pallas_attention.defvjp(_pallas_fwd, _pallas_bwd)
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
 def _pallas_attention_any_mode(kernel, reference, args: tuple) -> jax.Array:
-    """``kernel(*args)``, differentiable in both modes: its tangent is ``reference``'s (plain JAX), which reverse
-    mode transposes. A differentiated call therefore also computes the probabilities in plain JAX, next to the
-    kernel, and a backward pass keeps them, as the einsum path does."""
+    """``kernel(*args)``, differentiable in both modes as ``reference`` (the same function in plain JAX) is: a
+    differentiated call runs ``reference`` alone, values and tangent, which reverse mode transposes, and a backward
+    pass keeps its probabilities, as the einsum path does. Its tangent needs those probabilities anyway, so the
+    kernel would only compute them a second time."""
     return kernel(*args)
 
 
 @_pallas_attention_any_mode.defjvp
 def _pallas_jvp(kernel, reference, primals, tangents):
+    del kernel
     (args,), (dargs,) = primals, tangents
-    _, tangent = jax.jvp(reference, args, dargs)
-    return kernel(*args), tangent
+    return jax.jvp(reference, args, dargs)
 
 
 def _differentiable(kernel, reference, args: tuple, reverse_only: bool) -> jax.Array:
@@ -679,10 +681,10 @@ def window_attention(impl: str, q, k, v, bias, mask: np.ndarray | None, *, rever
         mask: shift mask ``[nW, N, N]`` or None.
         reverse_only: the caller is differentiated in reverse mode only (the model is traced in
             :func:`swin_jax.models.reverse_mode`). Then the Pallas kernel's backward recomputes the attention from
-            q, k, v and the bias, keeping no ``N x N`` tensor; otherwise its derivative is the plain-JAX function's
-            in forward mode (``jax.jvp`` works), which reverse mode transposes: a differentiated call computes the
-            probabilities in plain JAX too and a backward pass keeps them, as the einsum path does. The other
-            implementations ignore it.
+            q, k, v and the bias, keeping no ``N x N`` tensor; otherwise a differentiated call runs the plain-JAX
+            function instead of the kernel, values and derivatives, in either mode (``jax.jvp`` works; reverse mode
+            transposes it), and a backward pass keeps its probabilities, as the einsum path does. Undifferentiated
+            calls run the kernel. The other implementations ignore it.
 
     Returns:
         ``[B * nW, N, heads, d]``.

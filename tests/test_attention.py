@@ -88,6 +88,30 @@ def test_impl_matches_timm_outputs_and_gradients(reference, impl, reverse, monke
     assert_grads_close(grads_as_timm(model, grads), ref_grads)
 
 
+@pytest.mark.parametrize("impl", PALLAS_IMPLS)
+def test_differentiated_calls_run_the_kernel_only_where_it_saves_work(impl):
+    """Undifferentiated, and differentiated in ``reverse_mode()`` (the backward recomputes the attention), each block
+    runs the Pallas kernel. Differentiated outside it, the derivative needs the plain-JAX function's probabilities
+    anyway, so that function runs in the kernel's place: no kernel call to compute the attention a second time."""
+    model = swin_jax.create_model(ARCH, attn_impl=impl, **CFG)
+    graph, state = nnx.split(model)
+    x = jnp.asarray(images((1, 64, 48, 3), seed=2))
+
+    def loss(state, x):
+        return jnp.sum(nnx.merge(graph, state)(x) ** 2)
+
+    def kernel_calls(f) -> int:
+        return str(jax.make_jaxpr(f)(state, x)).count("pallas_call")
+
+    def grad_in_reverse_mode(state, x):
+        with reverse_mode():
+            return jax.grad(loss)(state, x)
+
+    blocks = sum(CFG["depths"])
+    assert kernel_calls(loss) == kernel_calls(grad_in_reverse_mode) == blocks
+    assert kernel_calls(jax.grad(loss)) == kernel_calls(lambda s, x: jax.jvp(loss, (s, x), (s, x))) == 0
+
+
 def _logits_and_maps(model, x) -> list[np.ndarray]:
     final, maps = nnx.jit(lambda m, x: m.forward_intermediates(x))(model, jnp.asarray(x))
     return [np.asarray(model.forward_head(final), np.float32), *(np.asarray(m, np.float32) for m in maps)]
