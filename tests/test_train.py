@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import re
 
@@ -442,6 +443,46 @@ def test_mlp_keeps_two_hidden_size_tensors_for_the_backward_and_one_in_reverse_m
     jax.jvp(lambda x: f(state, x), (big,), (big,))
 
 
+@functools.cache
+def _reverse_mode_runs(scan: bool, ckpt: bool) -> tuple[list[jax.Array], list[nnx.State], list[nnx.State], int]:
+    """Two successive gradient computations of a training loss traced in ``reverse_mode()`` (as the training steps
+    trace it) on one model in train mode with drop path (rates differing per block; the RNG streams carried from the
+    first call into the second), its blocks scanned or not, checkpointed or not: the losses, the gradients, the
+    advanced non-parameter state (RNG streams) after each call, and the compiled program's temporaries in bytes.
+    Cached: the scan test and the checkpointing tests compare these runs (one compiled program per setting)."""
+    x, y = _tiny_batch()
+    model = _tiny(depths=(2, 4), num_heads=(2, 2), drop_path_rate=0.3)
+    model.train()
+    model.set_scan_blocks(scan)
+    model.set_grad_checkpointing(ckpt)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss_fn(m: nnx.Module) -> jax.Array:
+        with reverse_mode():
+            return cross_entropy(m(x), y, num_classes=10)
+
+    def step(p, r):
+        m = nnx.merge(graphdef, p, r)
+        value, grads = nnx.value_and_grad(loss_fn)(m)
+        return value, grads, nnx.state(m, nnx.Not(nnx.Param))
+
+    compiled = jax.jit(step).lower(params, rest).compile()
+    values, grads, rests = [], [], []
+    for _ in range(2):
+        value, g, rest = compiled(params, rest)
+        values.append(value)
+        grads.append(g)
+        rests.append(rest)
+    return values, grads, rests, compiled.memory_analysis().temp_size_in_bytes
+
+
+def _assert_same_rng_state(a: nnx.State, b: nnx.State) -> None:
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        if jax.dtypes.issubdtype(u.dtype, jax.dtypes.prng_key):
+            u, v = jax.random.key_data(u), jax.random.key_data(v)
+        np.testing.assert_array_equal(v, u)
+
+
 @pytest.mark.parametrize("scan", [False, True])
 def test_gradient_checkpointing_in_reverse_mode_saves_memory_on_the_cpu_too(scan):
     """``set_grad_checkpointing`` in a ``reverse_mode()`` trace (the training steps) recomputes each block from its
@@ -449,38 +490,13 @@ def test_gradient_checkpointing_in_reverse_mode_saves_memory_on_the_cpu_too(scan
     it did, and kept every activation): the compiled gradient's temporaries shrink. With drop path on, the loss,
     the gradients and the advanced RNG streams equal those without checkpointing (same masks); blocks run by a scan
     as well."""
-    x, y = _tiny_batch()
-    runs = {}
-    for ckpt in (False, True):
-        model = _tiny(depths=(2, 4), num_heads=(2, 2), drop_path_rate=0.3)
-        model.train()
-        model.set_scan_blocks(scan)
-        model.set_grad_checkpointing(ckpt)
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-        def loss_fn(m: nnx.Module) -> jax.Array:
-            with reverse_mode():
-                return cross_entropy(m(x), y, num_classes=10)
-
-        def step(p, r, graphdef=graphdef):
-            m = nnx.merge(graphdef, p, r)
-            value, grads = nnx.value_and_grad(loss_fn)(m)
-            return value, grads, nnx.state(m, nnx.Not(nnx.Param))
-
-        compiled = jax.jit(step).lower(params, rest).compile()
-        value, grads, new_rest = compiled(params, rest)
-        temps = compiled.memory_analysis().temp_size_in_bytes
-        runs[ckpt] = value, grads, new_rest, temps
-    (v0, g0, r0, t0), (v1, g1, r1, t1) = runs[False], runs[True]
+    (v0, g0, r0, t0), (v1, g1, r1, t1) = _reverse_mode_runs(scan, False), _reverse_mode_runs(scan, True)
     assert t1 < 0.8 * t0, (t1, t0)
-    assert rel_err(v1, v0) < 1e-6
-    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    assert rel_err(v1[0], v0[0]) < 1e-6
+    for a, b in zip(jax.tree.leaves(g0[0]), jax.tree.leaves(g1[0])):
         assert rel_err(b, a) <= 1e-5
-    for a, b in zip(jax.tree.leaves(r0), jax.tree.leaves(r1)):
-        if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
-            a, b = jax.random.key_data(a), jax.random.key_data(b)
-        np.testing.assert_array_equal(b, a)
-    assert jax.tree.leaves(r0)  # the drop path streams are there, and advanced alike
+    _assert_same_rng_state(r0[0], r1[0])
+    assert jax.tree.leaves(r0[0])  # the drop path streams are there, and advanced alike
 
 
 @pytest.mark.parametrize(
@@ -578,36 +594,25 @@ def _scans(model: nnx.Module, x: jax.Array) -> int:
     return str(jax.make_jaxpr(lambda x: model(x))(x)).count(" scan[")
 
 
-@nnx.jit
-def _loss_and_grads(model: nnx.Module, x: jax.Array, y: jax.Array) -> tuple[jax.Array, nnx.State]:
-    return nnx.value_and_grad(lambda m: cross_entropy(m(x), y, num_classes=10))(model)
-
-
 def test_scanned_blocks_are_the_same_function():
     """``set_scan_blocks``: a stage's repeated pairs of blocks as one scan over their stacked parameters (BENCHMARKS.md:
     it did not cut the CPU compile; the GPU check measures it there). In training with drop path (rates differing
     per block, passed as data) the loss is bit-identical: the same masks from the same RNG streams, which advance
     the same way. Gradients equal to fp32 summation order (the parity tolerance). Pairs that differ are not scanned:
-    V2-CR's extra norm every third block leaves one pair of three equal."""
-    x, y = _tiny_batch()
-    runs = {}
+    V2-CR's extra norm every third block leaves one pair of three equal. (The two runs compared are the checkpointing
+    test's without checkpointing: two gradient calls each, traced as a training step traces them.)"""
+    x, _ = _tiny_batch()
+    model = _tiny(depths=(2, 4), num_heads=(2, 2), drop_path_rate=0.3)
     for scan in (False, True):
-        model = _tiny(depths=(1, 4), num_heads=(2, 2), drop_path_rate=0.3)
         model.set_scan_blocks(scan)
-        assert _scans(model, x) == int(scan)
-        model.train()
-        grads, losses = [], []
-        for _ in range(2):
-            loss, g = _loss_and_grads(model, x, y)
-            grads.append(g)
-            losses.append(float(loss))
-        runs[scan] = grads, losses, nnx.state(model, nnx.RngCount)
-    (g_ref, l_ref, c_ref), (g_scan, l_scan, c_scan) = runs[False], runs[True]
+        assert _scans(model, x) == int(scan)  # stage 1's two pairs (stage 0's one pair runs as it is)
+    (l_ref, g_ref, c_ref, _), (l_scan, g_scan, c_scan, _) = (_reverse_mode_runs(s, False) for s in (False, True))
+    l_ref, l_scan = [float(v) for v in l_ref], [float(v) for v in l_scan]
     assert l_scan == l_ref and l_ref[0] != l_ref[1]  # the same masks, and they did change between calls
     for a, b in zip(g_ref, g_scan):
         assert_grads_close(grads_as_timm(model, b), grads_as_timm(model, a), tol=FP32_REL_TOL)
-    for a, b in zip(jax.tree.leaves(c_ref), jax.tree.leaves(c_scan)):
-        np.testing.assert_array_equal(a, b)
+    for a, b in zip(c_ref, c_scan):
+        _assert_same_rng_state(a, b)
     cr = swin_jax.create_model(
         "swinv2_cr_tiny_224", **{**TINY, "depths": (1, 6), "num_heads": (2, 2)}, extra_norm_period=3, rngs=nnx.Rngs(0)
     )
