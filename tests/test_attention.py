@@ -59,29 +59,47 @@ def _maps_logits_grads(model, x, y):
     return maps, logits, grads
 
 
+@pytest.fixture(scope="module")
+def fp32_runs(reference):
+    """``run(impl, reverse)``: the fp32 model with the reference's weights and ``attn_impl=impl``, its stage maps,
+    logits and gradients from one compiled program (traced in ``reverse_mode()`` if ``reverse``), and which Pallas
+    derivative rules the trace called. Memoized: the parity test and the fused-vs-windowed comparison share them."""
+    tm, x, y, _, _ = reference
+    done = {}
+
+    def run(impl: str, reverse: bool):
+        if (impl, reverse) not in done:
+            model = jax_from_timm(tm, ARCH, attn_impl=impl, **CFG)
+            used = []
+
+            def spy(rule, f):
+                return lambda *args: used.append(rule) or f(*args)
+
+            with pytest.MonkeyPatch.context() as patch:
+                for rule in ("_pallas_attention", "_pallas_attention_any_mode"):
+                    patch.setattr(attention, rule, spy(rule, getattr(attention, rule)))
+                with reverse_mode() if reverse else contextlib.nullcontext():  # a fresh jit: its trace sees the context
+                    maps, logits, grads = nnx.jit(_maps_logits_grads)(model, jnp.asarray(x), jnp.asarray(y))
+            done[impl, reverse] = model, set(used), maps, logits, grads
+        return done[impl, reverse]
+
+    return run
+
+
 @pytest.mark.parametrize(
     "impl, reverse",
     [(impl, False) for impl in KERNEL_IMPLS] + [(impl, True) for impl in PALLAS_IMPLS],
     ids=[*KERNEL_IMPLS, *(f"{impl}-reverse_mode" for impl in PALLAS_IMPLS)],
 )
-def test_impl_matches_timm_outputs_and_gradients(reference, impl, reverse, monkeypatch):
+def test_impl_matches_timm_outputs_and_gradients(reference, fp32_runs, impl, reverse):
     """Outputs and gradients. The Pallas kernels have two derivative rules: plain JAX's jvp (both modes; the default)
     and, traced in ``reverse_mode()`` as a training step is, a backward that recomputes the attention. The fused
     kernel runs on the maps of CFG's padded stages (16x12 -> 20x15 with a shift of 2: the cyclic shift carries the
     map's first rows into the second-to-last window row, timm's roll-then-pad order)."""
-    tm, x, y, ref, ref_grads = reference
-    model = jax_from_timm(tm, ARCH, attn_impl=impl, **CFG)
-    used = []
-
-    def spy(rule, f):
-        return lambda *args: used.append(rule) or f(*args)
-
-    for rule in ("_pallas_attention", "_pallas_attention_any_mode"):
-        monkeypatch.setattr(attention, rule, spy(rule, getattr(attention, rule)))
-    with reverse_mode() if reverse else contextlib.nullcontext():  # a fresh jit: its trace sees the context
-        maps, logits, grads = nnx.jit(_maps_logits_grads)(model, jnp.asarray(x), jnp.asarray(y))
+    _, _, _, ref, ref_grads = reference
+    model, used, maps, logits, grads = fp32_runs(impl, reverse)
     if impl in PALLAS_IMPLS:
-        assert set(used) == {"_pallas_attention" if reverse else "_pallas_attention_any_mode"}
+        assert used == {"_pallas_attention" if reverse else "_pallas_attention_any_mode"}
     assert_close(logits, ref["logits"], what=f"{impl} logits")
     for i, (a, b) in enumerate(zip(maps, ref["maps"], strict=True)):
         assert_close(a, b, what=f"{impl} stage {i} map")
@@ -117,18 +135,20 @@ def _logits_and_maps(model, x) -> list[np.ndarray]:
     return [np.asarray(model.forward_head(final), np.float32), *(np.asarray(m, np.float32) for m in maps)]
 
 
-def test_bf16_models_and_the_fused_kernel_against_the_windowed_one(reference):
+def test_bf16_models_and_the_fused_kernel_against_the_windowed_one(reference, fp32_runs):
     """bf16 compute, as a GPU runs them: each implementation's logits and stage maps within BF16_REL_TOL of timm's
     fp32 (the kernels' are closer than the einsum path's here: 5e-3 against 8e-3 on the logits). And the fused
     kernel computes what the windowed one does on XLA's windows, in fp32 far inside the timm tolerance: the same
     kernel arithmetic, so only the projections' summation order could differ (on an AMD Genoa, under its default,
-    AVX2 and SSE4.2 kernels alike, the two are equal to the bit, bf16 included)."""
+    AVX2 and SSE4.2 kernels alike, the two are equal to the bit, bf16 included). The fp32 outputs compared are the
+    forward passes of the reverse-mode gradient programs above, where each block runs its kernel (outside
+    ``reverse_mode()`` a differentiated kernel runs its plain-JAX function instead)."""
     tm, x, _, ref, _ = reference
     for impl in KERNEL_IMPLS:  # the einsum path's bf16: test_inference
         outs = _logits_and_maps(jax_from_timm(tm, ARCH, attn_impl=impl, dtype=jnp.bfloat16, **CFG), x)
         for what, a, b in zip(("logits", "stage 0", "stage 1"), outs, [ref["logits"], *ref["maps"]], strict=True):
             assert_close(a, b, tol=BF16_REL_TOL, what=f"{impl} bf16 {what}")
-    windowed, fused = (_logits_and_maps(jax_from_timm(tm, ARCH, attn_impl=i, **CFG), x) for i in PALLAS_IMPLS)
+    windowed, fused = ([run[3], *run[2]] for run in (fp32_runs(i, True) for i in PALLAS_IMPLS))
     for a, b in zip(fused, windowed, strict=True):
         assert_close(a, b, tol=FP32_REL_TOL / 4, what="fused vs windowed kernel")
 
