@@ -35,6 +35,10 @@ SMALL = dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(2, 2, 4, 4))
 TRAIN_SMALL = dict(embed_dim=32, depths=(2, 2), num_heads=(2, 2), img_size=64)
 # bf16 compute against the fp32 reference (only for the dtype test; fp32 comparisons use FP32_REL_TOL)
 BF16_REL_TOL = 2e-2
+# The tests that run the small model eagerly (op by op: each op compiles once per shape, ~12 s on a 2-core CPU for the
+# first call) run on one xdist worker, so that warm-up is paid once (on a second worker, even loaded from the
+# persistent compilation cache, it took another ~3-4 s).
+EAGER = pytest.mark.xdist_group("eager")
 
 
 def _timm_call(tmodel: torch.nn.Module, x: np.ndarray) -> np.ndarray:
@@ -53,6 +57,12 @@ def _block_geometry(model) -> list[list[tuple]]:
         [(tuple(map(int, b.window_size)), tuple(map(int, b.shift_size))) for b in stage.blocks]
         for stage in model.layers
     ]
+
+
+def _abstract(arch: str, **kwargs) -> swin_jax.SwinTransformer:
+    """The model with abstract parameters (``nnx.eval_shape``): its geometry, or a model to load weights into, without
+    an eager init (which compiles a sampler per parameter shape)."""
+    return nnx.eval_shape(lambda: swin_jax.create_model(arch, **kwargs))
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +125,7 @@ def test_geometry_archs_cover_every_v1_architecture():
     tested (it differs in width and heads only)."""
 
     def geometry(arch):
-        model = nnx.eval_shape(lambda: swin_jax.create_model(arch, **_shallow(arch)))
+        model = _abstract(arch, **_shallow(arch))
         return model.img_size, _block_geometry(model)
 
     tested = [geometry(a) for a in GEOMETRY_ARCHS]
@@ -134,7 +144,7 @@ def test_architecture_geometry_is_exercised():
     }
     for arch, want in cases.items():
         kw = _shallow(arch)
-        geo = _block_geometry(swin_jax.create_model(arch, **kw))
+        geo = _block_geometry(_abstract(arch, **kw))
         assert [stage[1] for stage in geo] == want, arch
         assert geo == _block_geometry(timm.create_model(arch, pretrained=False, **kw)), arch
 
@@ -214,18 +224,19 @@ def test_float64_is_timms_function():
 
 def test_variant_geometry():
     """The variants above do hit the cases they are named for."""
-    geo = _block_geometry(swin_jax.create_model(TINY, img_size=(96, 160), **SMALL))
+    geo = _block_geometry(_abstract(TINY, img_size=(96, 160), **SMALL))
     assert geo[2][1] == ((6, 7), (0, 3))
-    geo = _block_geometry(swin_jax.create_model(TINY, img_size=(56, 224), **SMALL))
+    geo = _block_geometry(_abstract(TINY, img_size=(56, 224), **SMALL))
     assert geo[2][1] == ((4, 7), (0, 3)) and geo[3][1] == ((2, 7), (0, 0))
-    geo = _block_geometry(swin_jax.create_model(TINY, img_size=(96, 160), always_partition=True, **SMALL))
+    geo = _block_geometry(_abstract(TINY, img_size=(96, 160), always_partition=True, **SMALL))
     assert geo[3][1] == ((7, 7), (3, 3))
-    geo = _block_geometry(swin_jax.create_model(TINY, window_size=((4, 6), 5, (7, 3), 2), img_size=(64, 96), **SMALL))
+    geo = _block_geometry(_abstract(TINY, window_size=((4, 6), 5, (7, 3), 2), img_size=(64, 96), **SMALL))
     assert [stage[1] for stage in geo] == [((4, 6), (2, 3)), ((5, 5), (2, 2)), ((4, 3), (0, 1)), ((2, 2), (0, 1))]
-    geo = _block_geometry(swin_jax.create_model(TINY, img_size=(16, 20), **SMALL))
+    geo = _block_geometry(_abstract(TINY, img_size=(16, 20), **SMALL))
     assert [stage[1] for stage in geo] == [((4, 5), (0, 0)), ((2, 3), (0, 0)), ((1, 2), (0, 0)), ((1, 1), (0, 0))]
 
 
+@EAGER
 def test_num_classes_0_is_timm_pooled_features(small_pair):
     tm, _, x = small_pair
     headless = swin_jax.create_model(TINY, num_classes=0, **SMALL)
@@ -251,6 +262,7 @@ def _timm_features_twin(tm: torch.nn.Module, **kwargs) -> torch.nn.Module:
     return ft
 
 
+@EAGER
 @pytest.mark.parametrize("out_indices", [None, (1, 3), (0, -1), (0, 1)])
 def test_features_only(small_pair, out_indices):
     tm, _, x = small_pair
@@ -272,6 +284,7 @@ def test_features_only(small_pair, out_indices):
         assert_close(a, b, what=f"feature map {i}")
 
 
+@EAGER
 def test_features_only_default_shapes(small_pair):
     _, _, x = small_pair
     model = swin_jax.create_model(TINY, features_only=True, **SMALL)
@@ -284,6 +297,7 @@ def test_features_only_default_shapes(small_pair):
 # ----------------------------------------------------------------------------------------------------------
 
 
+@EAGER
 @pytest.mark.parametrize(
     "indices, norm, stop_early",
     [(None, True, False), (2, True, False), ([0, 2], True, False), ([-1], True, False), ([1], False, True)],
@@ -373,11 +387,6 @@ def test_initializers_draw_flax_values(dtype, shapes):
     assert np.abs(x).max() <= 0.04 and 0.015 < x.std() < 0.02  # truncated at 2 std
 
 
-# The tests that run the model eagerly (op by op: each op compiles once per shape, ~12 s on a 2-core CPU for the
-# first call) run on one xdist worker, so that warm-up is paid once.
-EAGER = pytest.mark.xdist_group("eager")
-
-
 @EAGER
 def test_forward_features_and_call_equal_forward_intermediates(small_pair):
     """The parity helper takes features and logits from ``forward_intermediates``; the model's own
@@ -390,6 +399,7 @@ def test_forward_features_and_call_equal_forward_intermediates(small_pair):
     assert_close(logits, head, tol=1e-6, what="logits")
 
 
+@EAGER
 def test_jit_equals_eager(small_pair):
     _, model, x = small_pair
     jitted = np.asarray(jax.jit(lambda m, x: m(x))(model, x))
@@ -441,6 +451,7 @@ def test_train_mode_without_drop_rates_equals_eval(small_pair):
     assert_close(eval_out, _timm_call(tm, x))
 
 
+@EAGER
 def test_bfloat16_compute(small_pair):
     tm, model32, x = small_pair
     model = swin_jax.create_model(TINY, dtype=jnp.bfloat16, **SMALL)
