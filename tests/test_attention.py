@@ -4,6 +4,7 @@ lowers for every platform it claims. The einsum path is the one test_model and t
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -212,24 +213,33 @@ def test_fused_kernel_interpreted_equals_reference_and_lowers_for_triton(size, w
     def cast(dtype):
         return [None if a is None else jnp.asarray(a, dtype) for a in (qkv, bias, pad_kv)]
 
+    # one compiled program each per dtype (op by op, the reference and the kernel's bias term compiled every op alone)
+    @functools.partial(jax.jit, static_argnums=3)
+    def kernel(qkv, bias, pad_kv, q_scale=0.25):
+        return attention._map_forward(qkv, bias, pad_kv, geometry, q_scale, interpret=True)
+
+    @jax.jit
+    def reference(qkv, bias, pad_kv):
+        return attention._map_reference(qkv, bias, pad_kv, geometry, 0.25)
+
     with jax.enable_x64(True):
-        out64 = attention._map_forward(*cast(jnp.float64), geometry, 0.25, interpret=True)
-        ref64 = attention._map_reference(*cast(jnp.float64), geometry, 0.25)
+        out64 = kernel(*cast(jnp.float64))
+        ref64 = reference(*cast(jnp.float64))
         assert out64.dtype == jnp.float64 and out64.shape == (batch, h * w, heads, d)
         np.testing.assert_allclose(np.asarray(out64), np.asarray(ref64), rtol=1e-12, atol=1e-12)
         ref64 = np.asarray(ref64)
     a32 = cast(jnp.float32)
-    out = attention._map_forward(*a32, geometry, 0.25, interpret=True)
+    out = kernel(*a32)
     assert not np.isnan(np.asarray(out)).any()
     assert_close(out, ref64, what="fused kernel fp32")
-    assert_close(attention._map_reference(*a32, geometry, 0.25), ref64, what="reference fp32")
+    assert_close(reference(*a32), ref64, what="reference fp32")
     prescaled = [a32[0].at[:, :, 0].multiply(0.25), *a32[1:]]
-    assert_close(attention._map_forward(*prescaled, geometry, None, interpret=True), ref64, what="q scaled before")
+    assert_close(kernel(*prescaled, None), ref64, what="q scaled before")
     if padded:  # the padded tokens' k and v matter, so they are used
         moved = [*a32[:2], a32[2] + 1.0]
-        assert rel_err(attention._map_forward(*moved, geometry, 0.25, interpret=True), ref64) > 1e-3
+        assert rel_err(kernel(*moved), ref64) > 1e-3
     a16 = cast(jnp.bfloat16)
-    out16 = attention._map_forward(*a16, geometry, 0.25, interpret=True)
+    out16 = kernel(*a16)
     assert out16.dtype == jnp.bfloat16
     assert_close(out16.astype(jnp.float32), ref64, tol=BF16_REL_TOL, what="fused kernel bf16")
     fn = jax.jit(lambda *a: attention._map_forward(*a, geometry, 0.25, interpret=False))
