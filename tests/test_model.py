@@ -356,9 +356,10 @@ def test_attention_weights_are_timms_softmax(variant):
     model = jax_from_timm(tm, TINY, **kw)
     inputs, probs = timm_attention_probs(tm, images((2, *model.img_size, 3), seed=3))
     assert len(probs) == sum(len(stage.blocks) for stage in model.layers)
-    for (i, j), ref in probs.items():
+    keys = list(probs)  # every block's weights from one compiled program (op by op, each shape compiled on its own)
+    run = nnx.jit(lambda m, xs: [m.layers[i].blocks[j].attention_weights(x) for (i, j), x in zip(keys, xs)])
+    for ((i, j), ref), ours in zip(probs.items(), run(model, [jnp.asarray(inputs[k]) for k in keys]), strict=True):
         block = model.layers[i].blocks[j]
-        ours = block.attention_weights(jnp.asarray(inputs[(i, j)]))
         assert ours.shape[:3] == (2, *(-(-s // w) for s, w in zip(block.input_resolution, block.window_size)))
         np.testing.assert_allclose(np.asarray(ours.sum(-1)), 1.0, rtol=1e-5)
         assert_close(ours.reshape(ref.shape), ref, what=f"stage {i} block {j} attention")
