@@ -15,6 +15,7 @@ import pytest
 import timm
 import timm.optim
 import torch
+from flax import nnx
 from hub_cache import export_timm, ms_state_dict
 from parity import (
     assert_close,
@@ -134,8 +135,9 @@ def test_attention_weights_are_timms_softmax():
     tm, model, _ = _pair()
     inputs, probs = timm_attention_probs(tm, images((1, 64, 48, 3), seed=5))
     assert len(probs) == 4
-    for (i, j), ref in probs.items():
-        ours = model.layers[i].blocks[j].attention_weights(jnp.asarray(inputs[(i, j)]))
+    keys = list(probs)  # every block's weights from one compiled program (op by op, each shape compiled on its own)
+    run = nnx.jit(lambda m, xs: [m.layers[i].blocks[j].attention_weights(x) for (i, j), x in zip(keys, xs)])
+    for ((i, j), ref), ours in zip(probs.items(), run(model, [jnp.asarray(inputs[k]) for k in keys]), strict=True):
         # peaked rows (logits up to 100 apart): compare the probabilities themselves, absolutely
         np.testing.assert_allclose(np.asarray(ours).reshape(ref.shape), ref, atol=2e-5, err_msg=f"{i}.{j}")
 
@@ -231,9 +233,13 @@ def test_fresh_model_initializes_like_timm():
     for name, ref in tm.state_dict().items():
         if name.endswith(("norm1.weight", "norm2.weight", "norm1.bias", "norm2.bias", "logit_scale", "_bias")):
             np.testing.assert_array_equal(ours[name], ref.numpy(), err_msg=name)
-    x = images((1, 64, 48, 3))
-    feats = model.forward_intermediates(x, intermediates_only=True)
-    np.testing.assert_allclose(np.asarray(feats[0]), np.asarray(model.patch_embed(jnp.asarray(x))), atol=1e-6)
+
+    @nnx.jit  # (one compiled program: op by op, the forward compiled each of its ops)
+    def first_map_and_embedding(m, x):
+        return m.forward_intermediates(x, intermediates_only=True)[0], m.patch_embed(x)
+
+    first, embedded = first_map_and_embedding(model, jnp.asarray(images((1, 64, 48, 3))))
+    np.testing.assert_allclose(np.asarray(first), np.asarray(embedded), atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------------
