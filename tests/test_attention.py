@@ -87,10 +87,14 @@ def fp32_runs(reference):
     return run
 
 
+# the tests that read the reverse-mode runs of fp32_runs run on one xdist worker, which computes each run once
+REVERSE_MODE_RUNS = pytest.mark.xdist_group("attention_reverse_mode_runs")
+
+
 @pytest.mark.parametrize(
     "impl, reverse",
-    [(impl, False) for impl in KERNEL_IMPLS] + [(impl, True) for impl in PALLAS_IMPLS],
-    ids=[*KERNEL_IMPLS, *(f"{impl}-reverse_mode" for impl in PALLAS_IMPLS)],
+    [pytest.param(impl, False, id=impl) for impl in KERNEL_IMPLS]
+    + [pytest.param(impl, True, id=f"{impl}-reverse_mode", marks=REVERSE_MODE_RUNS) for impl in PALLAS_IMPLS],
 )
 def test_impl_matches_timm_outputs_and_gradients(reference, fp32_runs, impl, reverse):
     """Outputs and gradients. The Pallas kernels have two derivative rules: plain JAX's jvp (both modes; the default)
@@ -136,6 +140,7 @@ def _logits_and_maps(model, x) -> list[np.ndarray]:
     return [np.asarray(model.forward_head(final), np.float32), *(np.asarray(m, np.float32) for m in maps)]
 
 
+@REVERSE_MODE_RUNS
 def test_bf16_models_and_the_fused_kernel_against_the_windowed_one(reference, fp32_runs):
     """bf16 compute, as a GPU runs them: each implementation's logits and stage maps within BF16_REL_TOL of timm's
     fp32 (the kernels' are closer than the einsum path's here: 5e-3 against 8e-3 on the logits). And the fused

@@ -485,6 +485,11 @@ def _assert_same_rng_state(a: nnx.State, b: nnx.State) -> None:
         np.testing.assert_array_equal(v, u)
 
 
+# the tests that compare _reverse_mode_runs run on one xdist worker, which computes each run once
+REVERSE_MODE_RUNS = pytest.mark.xdist_group("reverse_mode_runs")
+
+
+@REVERSE_MODE_RUNS
 @pytest.mark.parametrize("scan", [False, True])
 def test_gradient_checkpointing_in_reverse_mode_saves_memory_on_the_cpu_too(scan):
     """``set_grad_checkpointing`` in a ``reverse_mode()`` trace (the training steps) recomputes each block from its
@@ -596,6 +601,7 @@ def _scans(model: nnx.Module, x: jax.Array) -> int:
     return str(jax.make_jaxpr(lambda x: model(x))(x)).count(" scan[")
 
 
+@REVERSE_MODE_RUNS
 def test_scanned_blocks_are_the_same_function():
     """``set_scan_blocks``: a stage's repeated pairs of blocks as one scan over their stacked parameters (BENCHMARKS.md:
     it did not cut the CPU compile; the GPU check measures it there). In training with drop path (rates differing
