@@ -172,18 +172,21 @@ def test_kernel_layouts_interpreted_equal_reference(layout, masked):
     q, k, v = (jnp.asarray(rng.standard_normal((bw, heads, n_pad, d)), jnp.float32) for _ in range(3))
     bias = jnp.asarray(rng.standard_normal((heads, n, n)), jnp.float32)
     mask = np.where(rng.random((nw, n, n)) < 0.3, np.float32(-100.0), np.float32(0.0)) if masked else None
-    full = attention._bias_and_mask(bias, mask, n_pad, jnp.float32)
-    out = attention._pallas_forward(q, k, v, full, layout, interpret=True)
-    ref = attention._reference(q, k, v, full)
+    # one compiled program each per dtype (op by op, the reference and the bias term compiled every op alone)
+    bias_and_mask = jax.jit(lambda bias: attention._bias_and_mask(bias, mask, n_pad, bias.dtype))
+    kernel = jax.jit(lambda q, k, v, full: attention._pallas_forward(q, k, v, full, layout, interpret=True))
+    full = bias_and_mask(bias)
+    out = kernel(q, k, v, full)
+    ref = jax.jit(attention._reference)(q, k, v, full)
     assert_close(out[:, :, :n], ref[:, :, :n], what=f"{layout} kernel")
     # the padded keys carry no weight: changing their values changes nothing
     k2, v2 = k.at[:, :, n:].set(7.0), v.at[:, :, n:].set(-7.0)
-    out2 = attention._pallas_forward(q, k2, v2, full, layout, interpret=True)
+    out2 = kernel(q, k2, v2, full)
     np.testing.assert_array_equal(np.asarray(out2[:, :, :n]), np.asarray(out[:, :, :n]))
     # bf16 compute: as the einsum path rounds (logits and bias in bf16, softmax in f32), close to fp32
     q16, k16, v16 = (t.astype(jnp.bfloat16) for t in (q, k, v))
-    full16 = attention._bias_and_mask(bias.astype(jnp.bfloat16), mask, n_pad, jnp.bfloat16)
-    out16 = attention._pallas_forward(q16, k16, v16, full16, layout, interpret=True)
+    full16 = bias_and_mask(bias.astype(jnp.bfloat16))
+    out16 = kernel(q16, k16, v16, full16)
     assert out16.dtype == jnp.bfloat16
     assert_close(out16[:, :, :n].astype(jnp.float32), ref[:, :, :n], tol=BF16_REL_TOL, what=f"{layout} bf16")
 
