@@ -26,6 +26,7 @@ from parity import (
     images,
     jax_from_timm,
     jax_grads,
+    jax_outputs,
     small_logit_scales_,
     timm_attention_probs,
     timm_grads,
@@ -277,8 +278,8 @@ def test_features_only_and_intermediates_like_timm():
 
 def test_attn_impl_switch_and_bfloat16_compute():
     tm, model, _ = _pair()
-    x = images((1, 64, 48, 3), seed=8)
-    ref = jax.jit(lambda m, x: m(x))(model, x)
+    x = images(VARIANTS["padded_shifted_non_square"][1], seed=1)
+    ref = jax_outputs(model, x)["logits"]  # (that variant's fp32 program in test_parity_against_float64: compiled once)
     model.set_attn_impl("xla")
     assert all(b.attn.attn_impl == "xla" for s in model.layers for b in s.blocks)
     bf16 = jax_from_timm(tm, NAME, dtype=jnp.bfloat16, **SMALL)
