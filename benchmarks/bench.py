@@ -275,70 +275,68 @@ def _jax_worker(
     import numpy as np
     import optax
     from flax import nnx
+    from kernel_tune import parse_tuning
 
     import swin_jax
     from swin_jax import attention
     from swin_jax.train import TrainStep
 
-    if launch is not None:  # this worker process traces only this row: its kernel's launch, for the process
-        from kernel_tune import parse_tuning
+    launches = {} if launch is None else {attn_impl: parse_tuning(launch)}
+    with attention.triton_tuning(**launches):  # read while each program is traced
+        bf16 = variant.endswith("bf16")
+        dtype = jnp.bfloat16 if bf16 else jnp.float32
+        train = "train" in variant
+        # inference stores bf16 weights too; training keeps fp32 master weights and computes in bf16
+        param_dtype = jnp.bfloat16 if (bf16 and not train) else jnp.float32
+        model = swin_jax.create_model(model_name, dtype=dtype, param_dtype=param_dtype, attn_impl=attn_impl or "auto")
+        model.set_scan_blocks(scan)
+        size = model.img_size
+        x = jnp.asarray(np.random.default_rng(0).standard_normal((batch, *size, 3)), jnp.float32)
+        gpu = jax.default_backend() == "gpu"
+        out = {"settings": {"jax_default_matmul_precision": jax.config.jax_default_matmul_precision or "default"}}
+        out["settings"]["attn_impl"] = f"{attn_impl or 'auto'} (runs {attention.resolve(attn_impl or 'auto')})"
+        out["settings"]["triton_tuning"] = {k: launches.get(k, v)._asdict() for k, v in attention.TRITON_TUNING.items()}
+        out["settings"]["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "")
+        out["settings"]["GLIBC_TUNABLES"] = os.environ.get("GLIBC_TUNABLES", "")
+        out["settings"]["scan_blocks"] = scan
+        if not train:
+            forward = swin_jax.compile_forward(model)
+            t = time.perf_counter()
+            compiled = forward.lower(x).compile()
+            out["compile_s"] = time.perf_counter() - t
+            cost = compiled.cost_analysis()
+            cost = cost[0] if isinstance(cost, list) else cost
+            out["xla_gflop_per_image"] = float(cost.get("flops", 0.0)) / batch / 1e9 if cost else None
+            times = _time_calls(lambda: compiled(forward.state, x), jax.block_until_ready, warmup, repeats, min_time)
+            if profile:
+                out["profile"] = _profile(lambda: compiled(forward.state, x), jax.block_until_ready)
+        else:
+            y = jnp.asarray(np.arange(batch) % model.num_classes)
+            model.train()
+            optimizer = nnx.Optimizer(model, optax.adamw(1e-4, weight_decay=0.05), wrt=nnx.Param)
 
-        attention.TRITON_TUNING[attn_impl] = parse_tuning(launch)
-
-    bf16 = variant.endswith("bf16")
-    dtype = jnp.bfloat16 if bf16 else jnp.float32
-    train = "train" in variant
-    # inference stores bf16 weights too; training keeps fp32 master weights and computes in bf16
-    param_dtype = jnp.bfloat16 if (bf16 and not train) else jnp.float32
-    model = swin_jax.create_model(model_name, dtype=dtype, param_dtype=param_dtype, attn_impl=attn_impl or "auto")
-    model.set_scan_blocks(scan)
-    size = model.img_size
-    x = jnp.asarray(np.random.default_rng(0).standard_normal((batch, *size, 3)), jnp.float32)
-    gpu = jax.default_backend() == "gpu"
-    out = {"settings": {"jax_default_matmul_precision": jax.config.jax_default_matmul_precision or "default"}}
-    out["settings"]["attn_impl"] = f"{attn_impl or 'auto'} (runs {attention.resolve(attn_impl or 'auto')})"
-    out["settings"]["triton_tuning"] = {k: v._asdict() for k, v in attention.TRITON_TUNING.items()}
-    out["settings"]["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "")
-    out["settings"]["GLIBC_TUNABLES"] = os.environ.get("GLIBC_TUNABLES", "")
-    out["settings"]["scan_blocks"] = scan
-    if not train:
-        forward = swin_jax.compile_forward(model)
-        t = time.perf_counter()
-        compiled = forward.lower(x).compile()
-        out["compile_s"] = time.perf_counter() - t
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, list) else cost
-        out["xla_gflop_per_image"] = float(cost.get("flops", 0.0)) / batch / 1e9 if cost else None
-        times = _time_calls(lambda: compiled(forward.state, x), jax.block_until_ready, warmup, repeats, min_time)
-        if profile:
-            out["profile"] = _profile(lambda: compiled(forward.state, x), jax.block_until_ready)
-    else:
-        y = jnp.asarray(np.arange(batch) % model.num_classes)
-        model.train()
-        optimizer = nnx.Optimizer(model, optax.adamw(1e-4, weight_decay=0.05), wrt=nnx.Param)
-
-        # the documented fast path (what finetune runs): one jitted pure function over the flat state
-        step = TrainStep(model, optimizer, num_classes=model.num_classes)
-        call = lambda: step((x, y))  # noqa: E731
-        if per_call > 1:  # per_call steps per call, each on the same batch
-            xs, ys = jnp.stack([x] * per_call), jnp.stack([y] * per_call)
-            call = lambda: step.run((xs, ys))  # noqa: E731
-        out["settings"]["steps_per_call"] = per_call
-        t = time.perf_counter()
-        jax.block_until_ready(call())
-        first = time.perf_counter() - t  # first call: trace + compile + per_call steps
-        times = _time_calls(call, jax.block_until_ready, warmup, repeats, min_time)
-        times = [s / per_call for s in times]  # per step
-        out["compile_s"] = first - (per_call - 1) * statistics.median(times)  # as the other rows: less one step
-        if profile:
-            out["profile"] = _profile(call, jax.block_until_ready)
-    if gpu:
-        stats = jax.devices()[0].memory_stats() or {}
-        out["peak_mem_mb"] = stats.get("peak_bytes_in_use", 0) / 2**20
-    else:
-        out["peak_mem_mb"] = _peak_rss_mb()
-    out["times"] = times
-    return out
+            # the documented fast path (what finetune runs): one jitted pure function over the flat state
+            step = TrainStep(model, optimizer, num_classes=model.num_classes)
+            call = lambda: step((x, y))  # noqa: E731
+            if per_call > 1:  # per_call steps per call, each on the same batch
+                xs, ys = jnp.stack([x] * per_call), jnp.stack([y] * per_call)
+                call = lambda: step.run((xs, ys))  # noqa: E731
+            out["settings"]["steps_per_call"] = per_call
+            t = time.perf_counter()
+            jax.block_until_ready(call())
+            first = time.perf_counter() - t  # first call: trace + compile + per_call steps
+            times = _time_calls(call, jax.block_until_ready, warmup, repeats, min_time)
+            times = [s / per_call for s in times]  # per step
+            out["compile_s"] = first - (per_call - 1) * statistics.median(times)  # as the other rows: less one step
+            if profile:
+                out["profile"] = _profile(call, jax.block_until_ready)
+        if gpu:
+            stats = jax.devices()[0].memory_stats() or {}
+            out["peak_mem_mb"] = stats.get("peak_bytes_in_use", 0) / 2**20
+        else:
+            out["peak_mem_mb"] = _peak_rss_mb()
+        out["times"] = times
+        return out
 
 
 def _timm_worker(variant: str, model_name: str, batch: int, warmup: int, repeats: int, min_time: float) -> dict:

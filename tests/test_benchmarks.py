@@ -102,10 +102,11 @@ def test_steps_per_call_rows_are_named_parsed_and_compared_with_timms_rows():
     assert bench.REFS["jax-train-fp32-k8-thp"]["vs_timm_eager_thp"] == "timm-train-eager-fp32-thp"
 
 
-def test_pallas_rows_may_name_a_triton_launch(monkeypatch):
+def test_pallas_rows_may_name_a_triton_launch():
     """``jax-bf16@pallas_fused:w2h2``: a Pallas row with its kernel's Triton launch (kernel_tune.py's names), for a
     whole-model run of a launch the kernel tuning picked. Names are checked before anything runs; the worker launches
-    the kernel so and records it (CPU: interpreted, the launch's heads per program)."""
+    the kernel so (``attention.triton_tuning``, the defaults untouched) and records it (CPU: interpreted, the launch's
+    heads per program)."""
     from swin_jax import attention
 
     assert bench.triton_launch("jax-bf16@pallas_fused:w4h2") == ("jax-bf16@pallas_fused", "w4h2")
@@ -115,9 +116,11 @@ def test_pallas_rows_may_name_a_triton_launch(monkeypatch):
     assert bench.unknown_variants(good, known) == []
     bad = ["jax-bf16@cudnn:w4h1", "jax-bf16@pallas:4x2", "jax-bf16:w4h1", "jax-bf17@pallas:w4h1"]
     assert bench.unknown_variants(bad + good, known) == sorted(bad)
-    monkeypatch.setitem(attention.TRITON_TUNING, "pallas_fused", attention.TRITON_TUNING["pallas_fused"])
+    defaults = dict(attention.TRITON_TUNING)
     row = bench._jax_worker("jax-fp32@pallas_fused:w2h2", "swin_tiny_patch4_window7_224", 1, 0, 1, 0.0)
     assert row["settings"]["triton_tuning"]["pallas_fused"] == {"num_warps": 2, "heads_per_step": 2}
+    assert row["settings"]["triton_tuning"]["pallas"] == defaults["pallas"]._asdict()
+    assert attention.TRITON_TUNING == defaults
     assert row["settings"]["attn_impl"] == "pallas_fused (runs pallas_fused)" and len(row["times"]) == 1
 
 
