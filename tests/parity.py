@@ -71,17 +71,38 @@ def timm_model(name: str, seed: int = 0, **kwargs: Any) -> torch.nn.Module:
     return randomize_timm_(timm.create_model(name, pretrained=False, **kwargs), seed)
 
 
+def abstract_model(name: str, **kwargs: Any) -> nnx.Module:
+    """The swin_jax model with abstract parameters (``nnx.eval_shape``): its configuration and geometry, or a model to
+    load weights into, without an eager init (which compiles a sampler per parameter shape)."""
+    return nnx.eval_shape(lambda: swin_jax.create_model(name, **kwargs))
+
+
 def jax_from_timm(tmodel: torch.nn.Module, name: str, **kwargs: Any) -> nnx.Module:
     """The swin_jax model with the same configuration and the timm model's weights.
 
     Built abstractly (nothing is initialized only to be overwritten: eager init of even a tiny Swin takes ~2 s of
     per-shape compiles) unless it holds RNG streams (dropout / drop path rates), then filled strictly.
     """
-    model = nnx.eval_shape(lambda: swin_jax.create_model(name, **kwargs))
+    model = abstract_model(name, **kwargs)
     if jax.tree_util.tree_leaves(nnx.state(model, nnx.Not(nnx.Param))):
         model = swin_jax.create_model(name, **kwargs)
     swin_jax.load_timm_state_dict(model, tmodel.state_dict())
     return model
+
+
+def jax_attention_weights(
+    model: nnx.Module, inputs: dict[tuple[int, int], np.ndarray]
+) -> dict[tuple[int, int], jax.Array]:
+    """Per block ``(stage, block)``, its ``attention_weights`` of that block's input (:func:`timm_attention_probs`'s
+    ``inputs``), every block's from one compiled program (op by op, each block's shapes would compile every op)."""
+    keys = list(inputs)
+
+    @nnx.jit
+    def run(model, xs):
+        stages = getattr(model, "layers", None) or model.stages
+        return [stages[i].blocks[j].attention_weights(x) for (i, j), x in zip(keys, xs, strict=True)]
+
+    return dict(zip(keys, run(model, [jnp.asarray(inputs[k]) for k in keys]), strict=True))
 
 
 def images(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:

@@ -15,7 +15,7 @@ import pytest
 import timm
 import torch
 from flax import nnx
-from parity import assert_close, images, jax_from_timm, timm_model
+from parity import abstract_model, assert_close, images, jax_from_timm, timm_model
 from timm.models import get_pretrained_cfg
 
 import swin_jax
@@ -162,7 +162,7 @@ def test_pretrained_cfg_matches_timm(name):
 )
 def test_model_carries_its_pretrained_cfg(name):
     """The model created under a tag carries the tag's config and classes (one tag per family, built abstractly)."""
-    model = nnx.eval_shape(lambda: swin_jax.create_model(name, **SMALL))
+    model = abstract_model(name, **SMALL)
     assert {k: model.pretrained_cfg[k] for k in CFG_KEYS} == {k: jax_pretrained_cfg(name)[k] for k in CFG_KEYS}
     assert model.num_classes == get_pretrained_cfg(name).to_dict()["num_classes"]
 
@@ -193,7 +193,7 @@ def test_deprecated_name_like_timm(name, tag):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref = timm.create_model(name, pretrained=False, device="meta", **SMALL)
-    model = nnx.eval_shape(lambda: swin_jax.create_model(name, **SMALL))
+    model = abstract_model(name, **SMALL)
     assert model.num_classes == ref.num_classes
     assert model.pretrained_cfg["tag"] == ref.pretrained_cfg["tag"] == tag
     assert model.pretrained_cfg["architecture"] == ref.pretrained_cfg["architecture"]

@@ -13,10 +13,12 @@ import torch
 from flax import nnx
 from parity import (
     F64_REL_TOL,
+    abstract_model,
     assert_close,
     assert_parity,
     assert_parity_float64,
     images,
+    jax_attention_weights,
     jax_from_timm,
     rel_err,
     timm_attention_probs,
@@ -57,12 +59,6 @@ def _block_geometry(model) -> list[list[tuple]]:
         [(tuple(map(int, b.window_size)), tuple(map(int, b.shift_size))) for b in stage.blocks]
         for stage in model.layers
     ]
-
-
-def _abstract(arch: str, **kwargs) -> swin_jax.SwinTransformer:
-    """The model with abstract parameters (``nnx.eval_shape``): its geometry, or a model to load weights into, without
-    an eager init (which compiles a sampler per parameter shape)."""
-    return nnx.eval_shape(lambda: swin_jax.create_model(arch, **kwargs))
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +121,7 @@ def test_geometry_archs_cover_every_v1_architecture():
     tested (it differs in width and heads only)."""
 
     def geometry(arch):
-        model = _abstract(arch, **_shallow(arch))
+        model = abstract_model(arch, **_shallow(arch))
         return model.img_size, _block_geometry(model)
 
     tested = [geometry(a) for a in GEOMETRY_ARCHS]
@@ -144,7 +140,7 @@ def test_architecture_geometry_is_exercised():
     }
     for arch, want in cases.items():
         kw = _shallow(arch)
-        geo = _block_geometry(_abstract(arch, **kw))
+        geo = _block_geometry(abstract_model(arch, **kw))
         assert [stage[1] for stage in geo] == want, arch
         assert geo == _block_geometry(timm.create_model(arch, pretrained=False, **kw)), arch
 
@@ -224,15 +220,15 @@ def test_float64_is_timms_function():
 
 def test_variant_geometry():
     """The variants above do hit the cases they are named for."""
-    geo = _block_geometry(_abstract(TINY, img_size=(96, 160), **SMALL))
+    geo = _block_geometry(abstract_model(TINY, img_size=(96, 160), **SMALL))
     assert geo[2][1] == ((6, 7), (0, 3))
-    geo = _block_geometry(_abstract(TINY, img_size=(56, 224), **SMALL))
+    geo = _block_geometry(abstract_model(TINY, img_size=(56, 224), **SMALL))
     assert geo[2][1] == ((4, 7), (0, 3)) and geo[3][1] == ((2, 7), (0, 0))
-    geo = _block_geometry(_abstract(TINY, img_size=(96, 160), always_partition=True, **SMALL))
+    geo = _block_geometry(abstract_model(TINY, img_size=(96, 160), always_partition=True, **SMALL))
     assert geo[3][1] == ((7, 7), (3, 3))
-    geo = _block_geometry(_abstract(TINY, window_size=((4, 6), 5, (7, 3), 2), img_size=(64, 96), **SMALL))
+    geo = _block_geometry(abstract_model(TINY, window_size=((4, 6), 5, (7, 3), 2), img_size=(64, 96), **SMALL))
     assert [stage[1] for stage in geo] == [((4, 6), (2, 3)), ((5, 5), (2, 2)), ((4, 3), (0, 1)), ((2, 2), (0, 1))]
-    geo = _block_geometry(_abstract(TINY, img_size=(16, 20), **SMALL))
+    geo = _block_geometry(abstract_model(TINY, img_size=(16, 20), **SMALL))
     assert [stage[1] for stage in geo] == [((4, 5), (0, 0)), ((2, 3), (0, 0)), ((1, 2), (0, 0)), ((1, 1), (0, 0))]
 
 
@@ -356,10 +352,9 @@ def test_attention_weights_are_timms_softmax(variant):
     model = jax_from_timm(tm, TINY, **kw)
     inputs, probs = timm_attention_probs(tm, images((2, *model.img_size, 3), seed=3))
     assert len(probs) == sum(len(stage.blocks) for stage in model.layers)
-    keys = list(probs)  # every block's weights from one compiled program (op by op, each shape compiled on its own)
-    run = nnx.jit(lambda m, xs: [m.layers[i].blocks[j].attention_weights(x) for (i, j), x in zip(keys, xs)])
-    for ((i, j), ref), ours in zip(probs.items(), run(model, [jnp.asarray(inputs[k]) for k in keys]), strict=True):
-        block = model.layers[i].blocks[j]
+    weights = jax_attention_weights(model, inputs)
+    for (i, j), ref in probs.items():
+        block, ours = model.layers[i].blocks[j], weights[i, j]
         assert ours.shape[:3] == (2, *(-(-s // w) for s, w in zip(block.input_resolution, block.window_size)))
         np.testing.assert_allclose(np.asarray(ours.sum(-1)), 1.0, rtol=1e-5)
         assert_close(ours.reshape(ref.shape), ref, what=f"stage {i} block {j} attention")

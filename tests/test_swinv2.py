@@ -24,6 +24,7 @@ from parity import (
     assert_parity_float64,
     grads_as_timm,
     images,
+    jax_attention_weights,
     jax_from_timm,
     jax_grads,
     jax_outputs,
@@ -136,9 +137,9 @@ def test_attention_weights_are_timms_softmax():
     tm, model, _ = _pair()
     inputs, probs = timm_attention_probs(tm, images((1, 64, 48, 3), seed=5))
     assert len(probs) == 4
-    keys = list(probs)  # every block's weights from one compiled program (op by op, each shape compiled on its own)
-    run = nnx.jit(lambda m, xs: [m.layers[i].blocks[j].attention_weights(x) for (i, j), x in zip(keys, xs)])
-    for ((i, j), ref), ours in zip(probs.items(), run(model, [jnp.asarray(inputs[k]) for k in keys]), strict=True):
+    weights = jax_attention_weights(model, inputs)
+    for (i, j), ref in probs.items():
+        ours = weights[i, j]
         # peaked rows (logits up to 100 apart): compare the probabilities themselves, absolutely
         np.testing.assert_allclose(np.asarray(ours).reshape(ref.shape), ref, atol=2e-5, err_msg=f"{i}.{j}")
 

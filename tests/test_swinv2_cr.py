@@ -19,10 +19,12 @@ import torch
 from flax import nnx
 from hub_cache import export_timm
 from parity import (
+    abstract_model,
     assert_grads_float64,
     assert_parity,
     assert_parity_float64,
     images,
+    jax_attention_weights,
     jax_from_timm,
     rel_err,
     small_logit_scales_,
@@ -54,11 +56,6 @@ def _geometry(model) -> list[list[tuple]]:
         [(tuple(map(int, b.window_size)), tuple(map(int, b.shift_size)), norm3(b)) for b in stage.blocks]
         for stage in stages
     ]
-
-
-def _abstract(name: str, **kwargs):
-    """The model with abstract parameters: its geometry without an init."""
-    return nnx.eval_shape(lambda: swin_jax.create_model(name, **kwargs))
 
 
 def _pair(name: str = NAME, **kwargs):
@@ -104,16 +101,16 @@ def test_parity_against_float64(variant, impl):
 
 
 def test_variants_hit_their_cases():
-    geo = _geometry(_abstract(NAME, **SMALL))
+    geo = _geometry(abstract_model(NAME, **SMALL))
     assert geo == [
         [((5, 5), (0, 0), False), ((5, 5), (2, 2), True)],
         [((5, 5), (0, 0), False), ((5, 5), (2, 2), True), ((5, 5), (0, 0), True)],
     ]
     name, kwargs, _ = VARIANTS["window_ratio_dynamic_floored"]
-    model = _abstract(name, **{**SMALL, **kwargs})
+    model = abstract_model(name, **{**SMALL, **kwargs})
     assert _geometry(model)[0] == [((4, 4), (0, 0), False), ((4, 4), (2, 2), False)]
     name, kwargs = ARCH_NS
-    geo = _geometry(_abstract(name, **{**SMALL, **kwargs, "embed_dim": 16}))
+    geo = _geometry(abstract_model(name, **{**SMALL, **kwargs, "embed_dim": 16}))
     assert [stage[-1] for stage in geo] == [((7, 7), (0, 0), True)] + [((7, 7), (3, 3), True)] * 2 + [
         ((7, 7), (0, 0), True)
     ]
@@ -277,7 +274,7 @@ def test_features_only_and_intermediates_like_timm():
 def test_registry_models_and_untrained_tags():
     assert len(swin_jax.list_models("swinv2_cr_*")) == 16
     assert ARCHITECTURES["swinv2_cr_giant_384"]["extra_norm_period"] == 6
-    model = _abstract("swinv2_cr_base_384", depths=(1, 1, 1, 1))  # (its configuration: no init needed)
+    model = abstract_model("swinv2_cr_base_384", depths=(1, 1, 1, 1))  # (its configuration: no init needed)
     assert model.img_size == (384, 384) and model.window_sizes == ((12, 12),) * 4
     assert model.pretrained_cfg["tag"] == "untrained" and model.pretrained_cfg["hf_hub_id"] is None
     with pytest.raises(CheckpointError, match=r"swinv2_cr_base_384 has no pretrained weights \(tag 'untrained'\)"):
@@ -291,8 +288,9 @@ def test_attention_weights_are_timms_softmax():
     tm, model, _ = _pair()
     inputs, probs = timm_attention_probs(tm, images((1, 64, 48, 3), seed=5))  # timm's blocks take NHWC
     assert len(probs) == 5
+    weights = jax_attention_weights(model, inputs)
     for (i, j), ref in probs.items():
-        ours = model.stages[i].blocks[j].attention_weights(jnp.asarray(inputs[(i, j)]))
+        ours = weights[i, j]
         # peaked rows (logits up to 100 apart): compare the probabilities themselves, absolutely
         np.testing.assert_allclose(np.asarray(ours).reshape(ref.shape), ref, atol=2e-5, err_msg=f"{i}.{j}")
 
